@@ -1,0 +1,53 @@
+# dlg-course: `make book` builds the executed book, `make test` runs everything CI checks.
+# Both create the virtual environment (.venv) on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dlgkit-installed
+BOOK_FLAGS := -W -n --keep-going
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 -p no:randomly
+
+.PHONY: all install book book-quick test test-unit test-notebooks test-exercises test-html test-gpu exercises benchmark clean
+
+all: book
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## book: execute every chapter (full budget) and write the HTML to _build/html
+book: $(STAMP)
+	DLGKIT_PROGRESS=0 $(BIN)/jupyter-book build . $(BOOK_FLAGS)
+
+## test: everything CI checks, with the quick budget
+test: export DLGKIT_QUICK = 1
+test: export DLGKIT_PROGRESS = 0
+test: $(STAMP)
+	$(BIN)/python scripts/make_exercises.py --check
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest $(NBVAL) book solutions
+	rm -rf _build/html
+	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
+	$(BIN)/python -m pytest tests/built_book
+
+## test-gpu: every notebook at the full budget (on CUDA when present)
+test-gpu: export DLGKIT_QUICK = 0
+test-gpu: export DLGKIT_PROGRESS = 0
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest $(NBVAL) --durations=0 book solutions
+
+## exercises: regenerate exercises/ from solutions/
+exercises: $(STAMP)
+	$(BIN)/python scripts/make_exercises.py
+
+## benchmark: print the attack benchmark table
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/image_attacks.py
+
+clean:
+	rm -rf _build .pytest_cache

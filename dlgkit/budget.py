@@ -1,0 +1,80 @@
+"""Iteration budgets, seeding and device choice shared by every chapter.
+
+One environment variable, ``DLGKIT_QUICK``, switches the whole course between the
+*full* budget (the default, what the book and the GPU workflow run) and the *quick*
+budget that CPU continuous integration runs. Chapters ask :func:`budget` for their
+iteration counts so the same notebook serves both.
+
+Defined in :doc:`/book/02_single_image_dlg` (first use).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["is_quick", "budget", "seed_everything", "default_device", "progress_enabled"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def is_quick() -> bool:
+    """Return True when ``DLGKIT_QUICK`` asks for the quick (CI) budget.
+
+    Accepted values are ``1/true/yes/on`` and ``0/false/no/off`` (case-insensitive);
+    anything else is an error so that a typo cannot silently run the wrong budget.
+    """
+    value = os.environ.get("DLGKIT_QUICK", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"DLGKIT_QUICK={value!r} is not understood; use 1 (quick budget) or 0 (full budget)."
+    )
+
+
+def budget(full: int, quick: int) -> int:
+    """Pick an iteration count: ``full`` normally, ``quick`` under ``DLGKIT_QUICK=1``.
+
+    >>> budget(300, 50)  # doctest: +SKIP
+    300
+    """
+    for name, value in (("full", full), ("quick", quick)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"budget(): {name} must be a positive int, got {value!r}.")
+    return quick if is_quick() else full
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a seeded ``torch.Generator``."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """CUDA when available (and not disabled with ``DLGKIT_DEVICE=cpu``), else CPU."""
+    wanted = os.environ.get("DLGKIT_DEVICE", "").strip().lower()
+    if wanted:
+        if wanted not in {"cpu", "cuda"}:
+            raise ValueError(f"DLGKIT_DEVICE={wanted!r}; use 'cpu' or 'cuda'.")
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("DLGKIT_DEVICE=cuda but PyTorch sees no CUDA device.")
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def progress_enabled(progress: bool | None = None) -> bool:
+    """Resolve a ``progress`` argument: an explicit bool wins; ``None`` shows progress bars
+    unless ``DLGKIT_PROGRESS=0`` (the book build and CI set it to keep pages clean)."""
+    if progress is not None:
+        return bool(progress)
+    return os.environ.get("DLGKIT_PROGRESS", "1").strip().lower() not in _FALSE

@@ -1,0 +1,94 @@
+import io
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets
+import pytest
+import torch
+from PIL import Image
+
+from dlgkit import viz
+
+
+def _history(n=4, batch=1, channels=1):
+    return [torch.full((batch, channels, 8, 8), k / max(n - 1, 1)) for k in range(n)], [0, 10, 20, 30][:n]
+
+
+def test_png_bytes_scaled():
+    png = viz.png_bytes(torch.rand(3, 8, 8), scale=4)
+    img = Image.open(io.BytesIO(png))
+    assert img.size == (32, 32) and img.mode == "RGB"
+    assert Image.open(io.BytesIO(viz.png_bytes(torch.rand(1, 8, 8), scale=1))).size == (8, 8)
+
+
+def test_image_grid():
+    grid = viz.image_grid(torch.zeros(5, 1, 4, 4), columns=3, pad=1)
+    assert grid.shape == (1, 9, 14)
+    with pytest.raises(ValueError, match="image_grid"):
+        viz.image_grid(torch.zeros(1, 4, 4))
+
+
+def test_figures():
+    originals, recs = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    fig = viz.show_pairs(originals, recs, titles=["a", "b", "c"])
+    assert len(fig.axes) == 6
+    history, iters = _history(4, batch=2)
+    fig = viz.iteration_strip(history, iters, original=torch.rand(2, 1, 8, 8))
+    assert len(fig.axes) == 2 * 5
+    with pytest.raises(ValueError, match="equal shape"):
+        viz.show_pairs(originals, recs[:2])
+    with pytest.raises(ValueError, match="equal length"):
+        viz.iteration_strip(history, iters[:2])
+
+
+def test_scrubber_stack_mode_links_in_browser():
+    history, iters = _history(4)
+    box = viz.scrubber(history, iters, mode="stack")
+    assert box.mode == "stack"
+    stack = box.children[1]
+    assert isinstance(stack, ipywidgets.Stack) and len(stack.children) == 4
+    assert box.slider.max == 3
+    # the slider drives the stack through a browser-side link, not a Python callback
+    assert any(l.source == (box.slider, "value") and l.target == (stack, "selected_index") for l in box.links)
+    assert any(l.source == (box.play, "value") and l.target == (box.slider, "value") for l in box.links)
+    frames = [page.children[1].value for page in stack.children]
+    assert len(set(frames)) == 4  # every snapshot is a different picture
+
+
+def test_scrubber_callback_mode_swaps_the_image():
+    history, iters = _history(4)
+    box = viz.scrubber(history, iters, mode="callback")
+    image = box.children[1].children[1]
+    first = image.value
+    box.slider.value = 3
+    assert image.value != first
+    assert "iter=30" in box.children[1].children[0].value
+    box.slider.value = 0
+    assert image.value == first
+
+
+def test_scrubber_falls_back_without_stack(monkeypatch):
+    """Simulate ipywidgets 7 (no Stack): auto mode must choose the kernel-side callback."""
+    monkeypatch.setattr(ipywidgets, "__version__", "7.7.5")
+    monkeypatch.delattr(ipywidgets, "Stack")
+    assert viz.scrubber_mode() == "callback"
+    history, iters = _history(3)
+    box = viz.scrubber(history, iters)
+    assert box.mode == "callback"
+    with pytest.raises(RuntimeError, match="ipywidgets >= 8"):
+        viz.scrubber(history, iters, mode="stack")
+
+
+def test_scrubber_batch_and_errors():
+    history, iters = _history(3, batch=4, channels=3)
+    box = viz.scrubber(history, iters, mode="stack", columns=2)
+    assert len(box.children[1].children) == 3
+    with pytest.raises(ValueError, match="mode"):
+        viz.scrubber(history, iters, mode="magic")
+    with pytest.raises(ValueError, match="non-empty"):
+        viz.scrubber([], [])
+    with pytest.raises(ValueError, match=r"\(1\|3, H, W\)"):
+        viz.to_numpy_image(torch.rand(2, 8, 8))
