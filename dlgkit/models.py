@@ -52,7 +52,8 @@ class LeNet(nn.Module):
 
     Works for any channel count, square image size and class count. The default
     activation is the sigmoid, which is twice differentiable everywhere, as DLG needs.
-    Weights and biases start uniform in [-0.5, 0.5] (pass ``seed`` for a fixed draw).
+    Weights and biases start uniform in [-0.5, 0.5] as in the paper's code (``init="default"``
+    keeps PyTorch's own initialisation instead); pass ``seed`` for a fixed draw.
     Defined in :doc:`/book/02_single_image_dlg`.
     """
 
@@ -63,11 +64,16 @@ class LeNet(nn.Module):
         image_size: int = 32,
         activation: str = "sigmoid",
         seed: int | None = None,
+        init: str = "uniform",
     ) -> None:
         super().__init__()
         _check_positive("channels", channels)
         _check_positive("num_classes", num_classes)
         _check_positive("image_size", image_size)
+        if init not in ("uniform", "default"):
+            raise ValueError(f"init={init!r} is not known; choose 'uniform' (the paper) or 'default' (PyTorch's).")
+        if seed is not None:
+            torch.manual_seed(seed)
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
         self.body = nn.Sequential(
             nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
@@ -80,7 +86,8 @@ class LeNet(nn.Module):
         side = (image_size + 1) // 2  # stride 2, padding 2, kernel 5
         side = (side + 1) // 2
         self.fc = nn.Linear(12 * side * side, num_classes)
-        init_uniform_(self, seed=seed)
+        if init == "uniform":
+            init_uniform_(self, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
