@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[test]"
+	# ipywidgets 7 (as on Colab) beside the venv, for the test of the scrubber's fallback path
+	$(BIN)/python -m pip install --no-deps --target $(VENV)/ipywidgets7 "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
 	touch $(STAMP)
 
 install: $(STAMP)

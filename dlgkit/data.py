@@ -25,6 +25,7 @@ __all__ = [
     "torchvision_dataset",
 ]
 
+#: Names of the scikit-image photos that :func:`photos` and :func:`photo_crops` use.
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "retina", "colorwheel")
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
 

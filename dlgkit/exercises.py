@@ -24,6 +24,8 @@ __all__ = [
     "check_gradient_matching_loss",
     "check_dlg_attack",
     "check_relu_attack",
+    "check_align_batch",
+    "check_batch_label_set",
 ]
 
 
@@ -210,3 +212,53 @@ def check_relu_attack(fn: Callable, threshold: float = 20.0) -> bool:
         return f"PSNR {value:.1f} dB on a ReLU network."
 
     return _report("Exercise 2.4 (attack a ReLU network)", body)
+
+
+# --- chapter 3 -----------------------------------------------------------------------------
+
+def check_align_batch(fn: Callable) -> bool:
+    """Exercise 3.1: ``fn(reconstruction, original)`` returns ``perm`` (B,) such that
+    ``reconstruction[perm[j]]`` is paired with ``original[j]``, with the lowest total MSE."""
+    from scipy.optimize import linear_sum_assignment
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(3)
+        for trial in range(5):
+            b = 6
+            original = torch.rand(b, 1, 8, 8, generator=generator)
+            shuffle = torch.randperm(b, generator=generator)
+            noisy = (original + 0.35 * torch.randn(original.shape, generator=generator)).clamp(0, 1)[shuffle]
+            perm = _tensor(fn(noisy, original), "perm")
+            _require(perm.shape == (b,), f"return one index per original, shape ({b},), got {tuple(perm.shape)}.")
+            perm = perm.long()
+            _require(sorted(perm.tolist()) == list(range(b)), f"perm must be a permutation of 0..{b - 1}, got {perm.tolist()}.")
+            cost = ((noisy[:, None] - original[None]) ** 2).flatten(2).mean(2).double().numpy()
+            rows, cols = linear_sum_assignment(cost)
+            best = float(cost[rows, cols].sum())
+            got = float(sum(cost[int(perm[j]), j] for j in range(b)))
+            _require(got <= best * (1 + 1e-6), f"trial {trial}: your pairing costs {got:.4f} (total MSE), the best costs {best:.4f}. Greedy matching is not enough.")
+        return "Optimal pairings on 5 noisy, shuffled batches."
+
+    return _report("Exercise 3.1 (align a batch)", body)
+
+
+def check_batch_label_set(fn: Callable) -> bool:
+    """Exercise 3.2: ``fn(bias_grad, batch_size)`` returns the batch's labels (distinct) from the
+    last layer's bias gradient of a mean batch loss."""
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(4)
+        for trial in range(10):
+            # PyTorch's init: the rule's assumption (no class predicted confidently) holds; see chapter 3
+            model = models.LeNet(channels=1, num_classes=20, image_size=16, seed=trial, init="default")
+            b = [2, 4, 6][trial % 3]
+            x = torch.rand(b, 1, 16, 16, generator=generator)
+            y = torch.randperm(20, generator=generator)[:b]
+            grads = federated.client_gradient(model, x, y)
+            got = fn(grads[-1], b)
+            got = sorted(int(v) for v in (got.tolist() if isinstance(got, torch.Tensor) else got))
+            _require(len(got) == b, f"trial {trial}: return {b} labels, got {len(got)}.")
+            _require(got == sorted(y.tolist()), f"trial {trial}: you said {got}, the labels were {sorted(y.tolist())}.")
+        return "10 of 10 batches' labels recovered."
+
+    return _report("Exercise 3.2 (labels of a batch)", body)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["mse", "psnr", "ssim", "label_accuracy"]
+__all__ = ["mse", "psnr", "ssim", "label_accuracy", "multiset_label_accuracy", "align", "batch_report"]
 
 
 def _pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -77,3 +77,75 @@ def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
     if true.numel() == 0:
         raise ValueError("label_accuracy: no labels given.")
     return float((predicted.cpu() == true.cpu()).float().mean())
+
+
+def multiset_label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """Order-free label accuracy for a batch: the size of the multiset intersection of the two
+    label lists divided by the batch size (``[1, 1, 2]`` vs ``[1, 2, 2]`` scores 2/3).
+    Defined in :doc:`/book/03_batched_dlg`."""
+    from collections import Counter
+
+    predicted, true = torch.as_tensor(predicted).reshape(-1), torch.as_tensor(true).reshape(-1)
+    if predicted.numel() != true.numel() or true.numel() == 0:
+        raise ValueError(f"multiset_label_accuracy: {predicted.numel()} predicted vs {true.numel()} true labels (need equal, non-zero).")
+    common = Counter(predicted.tolist()) & Counter(true.tolist())
+    return sum(common.values()) / true.numel()
+
+
+COSTS = ("mse", "ssim")
+
+
+def align(reconstruction: torch.Tensor, original: torch.Tensor, cost: str = "mse") -> torch.Tensor:
+    """Match reconstructed images to originals (the gradient does not keep the batch order).
+
+    Builds the B x B cost matrix (MSE, or 1 - SSIM) between every reconstruction and every
+    original and solves the assignment with scipy's ``linear_sum_assignment`` (Hungarian
+    method). Returns ``perm`` such that ``reconstruction[perm[j]]`` is matched to
+    ``original[j]``. Defined in :doc:`/book/03_batched_dlg`.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if cost not in COSTS:
+        raise ValueError(f"cost={cost!r} is not known; choose one of {list(COSTS)}.")
+    a, b = _pairs(reconstruction, original)
+    if a.ndim != 4 or len(a) != len(b):
+        raise ValueError("align needs two batches (N, C, H, W) of the same size.")
+    n = len(a)
+    rec = torch.from_numpy(np.clip(a, 0, 1))
+    orig = torch.from_numpy(b)
+    matrix = np.zeros((n, n))
+    for i in range(n):
+        if cost == "mse":
+            matrix[i] = ((rec[i : i + 1] - orig) ** 2).flatten(1).mean(1).numpy()
+        else:
+            matrix[i] = 1.0 - ssim(rec[i : i + 1].expand_as(orig), orig).numpy()
+    rows, cols = linear_sum_assignment(matrix)
+    perm = np.empty(n, dtype=np.int64)
+    perm[cols] = rows
+    return torch.from_numpy(perm)
+
+
+def batch_report(
+    reconstruction: torch.Tensor, original: torch.Tensor, labels: torch.Tensor | None = None, true_labels: torch.Tensor | None = None, cost: str = "mse"
+) -> dict:
+    """Metrics of a batch reconstruction after alignment: per-image and mean PSNR/SSIM/MSE,
+    the permutation used, and, with labels, the label accuracy of the aligned pairs and the
+    order-free (multiset) label accuracy. Defined in :doc:`/book/03_batched_dlg`."""
+    if reconstruction.dim() != 4:
+        raise ValueError(f"batch_report expects (N, C, H, W) batches, got {tuple(reconstruction.shape)}.")
+    perm = align(reconstruction, original, cost=cost)
+    aligned = reconstruction.detach().cpu()[perm]
+    per_psnr, per_ssim, per_mse = psnr(aligned, original), ssim(aligned, original), mse(aligned, original)
+    out = {
+        "perm": perm,
+        "psnr_per_image": per_psnr,
+        "ssim_per_image": per_ssim,
+        "psnr": float(per_psnr.mean()),
+        "ssim": float(per_ssim.mean()),
+        "mse": float(per_mse.mean()),
+    }
+    if labels is not None and true_labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        out["label_accuracy"] = label_accuracy(labels[perm], true_labels)
+        out["label_set_accuracy"] = multiset_label_accuracy(labels, true_labels)
+    return out

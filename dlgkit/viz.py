@@ -74,7 +74,7 @@ def show_pairs(originals: torch.Tensor, reconstructions: torch.Tensor, titles: S
 def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every: int | None = None, original: torch.Tensor | None = None, size: float = 1.3, max_frames: int = 10):
     """The DLG paper's figure: snapshots at iter=0, 10, 20, ... side by side, ground truth last.
 
-    ``history``/``iters`` come from an :class:`~dlgkit.attacks.AttackResult`. ``every`` keeps
+    ``history``/``iters`` come from an :class:`~dlgkit.attacks.image.AttackResult`. ``every`` keeps
     snapshots whose iteration is a multiple of it (default: at most ``max_frames`` evenly
     spaced, always the last). A batch is shown one row per image.
     """

@@ -74,8 +74,10 @@ def test_adam_cosine_tv_and_clamp_reduce_the_distance(face_setup):
 
 def test_restarts_keep_the_lowest_distance(face_setup):
     model, grads, x, y = face_setup
-    result = attacks.reconstruct(model, grads, x.shape, labels="joint", iterations=3, restarts=3, tol=None, patience=None, seed=5)
-    assert len(result.restart_losses) == 3
+    result = attacks.reconstruct(model, grads, x.shape, labels="joint", iterations=3, restarts=3, tol=None, patience=None, seed=5, restart_policy="always")
+    assert len(result.restart_losses) == 3 and result.statuses == ["budget"] * 3
+    once = attacks.reconstruct(model, grads, x.shape, labels="joint", iterations=3, restarts=3, tol=None, patience=None, seed=5)
+    assert len(once.restart_losses) == 1  # a run that used its budget while improving is not restarted
     assert result.final_loss == min(result.restart_losses)
     assert result.restart_losses[result.best_restart] == result.final_loss
 
@@ -117,7 +119,7 @@ def test_bad_arguments_are_explained(face_setup):
     with pytest.raises(ValueError, match="labels"):
         call(labels="guess")
     with pytest.raises(ValueError, match="batch of 2"):
-        call(shape=(2, 1, 16, 16), labels="idlg")
+        call(shape=(2, 1, 16, 16), labels=torch.tensor([1]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         call(labels=torch.tensor([12]))
     with pytest.raises(TypeError, match="nn.Module"):
@@ -147,3 +149,19 @@ def test_recover_linear_input_exact_and_batch_mix():
         attacks.recover_linear_input(grads[0], grads[1][:-1])
     with pytest.raises(ValueError, match="zero"):
         attacks.recover_linear_input(torch.zeros(3, 4), torch.zeros(3))
+
+
+def test_relative_tolerance_is_scaled_by_the_gradient_norm(face_setup):
+    model, grads, x, y = face_setup
+    norm = sum(float((g.double() ** 2).sum()) for g in grads)
+    rel = attacks.reconstruct(model, grads, x.shape, labels=y, iterations=200, tol=1e-7, tol_relative=True, seed=0)
+    assert rel.iterations < 200 and rel.final_loss < 1e-7 * norm
+    same = attacks.reconstruct(model, grads, x.shape, labels=y, iterations=200, tol=1e-7 * norm, tol_relative=False, seed=0)
+    assert same.iterations == rel.iterations  # the same threshold, written in absolute terms
+
+
+def test_presets_are_valid_keyword_sets(face_setup):
+    model, grads, x, y = face_setup
+    for preset in (attacks.PAPER_DLG, attacks.RECOMMENDED):
+        result = attacks.reconstruct(model, grads, x.shape, **dict(preset, iterations=2, restarts=1), seed=0)
+        assert result.iterations <= 2

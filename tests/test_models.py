@@ -53,3 +53,12 @@ def test_relu_warning():
     assert len(models.has_non_smooth_activation(relu)) == 3
     with pytest.warns(UserWarning, match="twice-differentiable"):
         models.warn_if_non_smooth(relu)
+
+
+def test_lenet_default_init_keeps_pytorch_initialisation():
+    paper = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0)
+    default = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0, init="default")
+    # PyTorch's Kaiming-uniform init is far narrower than U(-0.5, 0.5) for the linear layer
+    assert float(default.fc.weight.abs().max()) < 0.1 < float(paper.fc.weight.abs().max())
+    with pytest.raises(ValueError, match="init"):
+        models.LeNet(init="xavier")

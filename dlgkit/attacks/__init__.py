@@ -2,6 +2,6 @@
 
 from dlgkit.attacks.analytic import recover_linear_input
 from dlgkit.attacks.image import PAPER_DLG, RECOMMENDED, AttackResult, gradient_distance, reconstruct, total_variation
-from dlgkit.attacks.labels import idlg_label, last_linear_layer
+from dlgkit.attacks.labels import batch_labels, idlg_label, label_set, last_linear_layer
 
-__all__ = ["PAPER_DLG", "RECOMMENDED", "AttackResult", "reconstruct", "gradient_distance", "total_variation", "idlg_label", "last_linear_layer", "recover_linear_input"]
+__all__ = ["PAPER_DLG", "RECOMMENDED", "AttackResult", "reconstruct", "gradient_distance", "total_variation", "idlg_label", "label_set", "batch_labels", "last_linear_layer", "recover_linear_input"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dlgkit.attacks.labels import idlg_label
+from dlgkit.attacks.labels import batch_labels, idlg_label
 from dlgkit.budget import progress_enabled
 from dlgkit.federated import check_gradients, soft_cross_entropy
 from dlgkit.models import warn_if_non_smooth
@@ -35,12 +35,14 @@ LABEL_MODES = ("joint", "idlg")
 #: DLG exactly as in the paper's code: a random soft label optimised jointly with the image,
 #: Gaussian noise as the start, L-BFGS with step 1 and no line search, 300 steps (plus the
 #: early stop once the gradient distance is below 1e-6).
-PAPER_DLG = dict(labels="joint", init="gaussian", optimizer="lbfgs", lr=1.0, line_search=False, iterations=300, restarts=1, tol=1e-6, patience=None)
+PAPER_DLG = dict(labels="joint", init="gaussian", optimizer="lbfgs", lr=1.0, line_search=False, iterations=300, restarts=1, tol=1e-6, tol_relative=False, patience=None)
 
 #: The course's recommendation for one image: the label read off the gradient (iDLG), a start
-#: drawn uniformly in [0, 1], L-BFGS with a strong-Wolfe line search (no divergence), and up to
-#: four restarts when a run stalls. Measured in ``benchmarks/image_attacks.py``.
-RECOMMENDED = dict(labels="idlg", init="uniform", optimizer="lbfgs", lr=1.0, line_search=True, iterations=300, restarts=4, tol=1e-5, patience=10)
+#: drawn uniformly in [0, 1], L-BFGS with a strong-Wolfe line search (no divergence), a stop
+#: once the distance is below 1e-8 of the shared gradient's squared norm (scale-free, unlike the
+#: paper's absolute 1e-6), and up to four restarts when a run stalls. Measured in
+#: ``benchmarks/image_attacks.py``.
+RECOMMENDED = dict(labels="idlg", init="uniform", optimizer="lbfgs", lr=1.0, line_search=True, iterations=300, restarts=4, tol=1e-8, tol_relative=True, patience=10)
 
 
 def gradient_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor], distance: str = "l2") -> torch.Tensor:
@@ -68,7 +70,8 @@ class AttackResult:
 
     ``losses`` is the gradient distance after every iteration of the best restart;
     ``history`` holds snapshots (clamped to [0, 1]) at ``history_iters``; ``restart_losses``
-    the final distance of each restart (``inf`` where it diverged).
+    the final distance of each restart (``inf`` where it diverged) and ``statuses`` how each
+    ended (``converged``, ``stalled``, ``diverged`` or ``budget``).
     """
 
     reconstruction: torch.Tensor
@@ -79,6 +82,7 @@ class AttackResult:
     wall_time: float
     restart_losses: list[float] = field(default_factory=list)
     best_restart: int = 0
+    statuses: list[str] = field(default_factory=list)
     label_mode: str = "known"
     label_probs: torch.Tensor | None = None
 
@@ -91,20 +95,28 @@ class AttackResult:
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else math.inf
 
-    def report(self, original: torch.Tensor, true_labels: torch.Tensor | None = None) -> dict[str, float]:
+    def report(self, original: torch.Tensor, true_labels: torch.Tensor | None = None, align: bool = True) -> dict[str, float]:
         """Metrics against the ground truth: MSE, PSNR, SSIM (means over the batch), label
-        accuracy when ``true_labels`` is given, gradient distance, iterations and wall time."""
+        accuracy when ``true_labels`` is given, gradient distance, iterations and wall time.
+
+        A batch is first aligned to the originals (:func:`dlgkit.metrics.align`, Hungarian
+        matching on MSE) unless ``align=False``; the report then adds ``label_set_accuracy``
+        (order-free) and keeps per-image values under ``psnr_per_image``/``ssim_per_image``."""
         from dlgkit import metrics
 
         rec = self.reconstruction.clamp(0, 1).cpu()
         original = original.detach().cpu()
-        out = {
-            "mse": float(torch.as_tensor(metrics.mse(rec, original)).mean()),
-            "psnr": float(torch.as_tensor(metrics.psnr(rec, original)).mean()),
-            "ssim": float(torch.as_tensor(metrics.ssim(rec, original)).mean()),
-        }
-        if true_labels is not None:
-            out["label_accuracy"] = metrics.label_accuracy(self.labels, true_labels)
+        if rec.shape[0] > 1 and align:
+            batch = metrics.batch_report(rec, original, self.labels, true_labels)
+            out = {k: v for k, v in batch.items() if k != "perm"}
+        else:
+            out = {
+                "mse": float(torch.as_tensor(metrics.mse(rec, original)).mean()),
+                "psnr": float(torch.as_tensor(metrics.psnr(rec, original)).mean()),
+                "ssim": float(torch.as_tensor(metrics.ssim(rec, original)).mean()),
+            }
+            if true_labels is not None:
+                out["label_accuracy"] = metrics.label_accuracy(self.labels, true_labels)
         out.update(grad_distance=self.final_loss, iterations=float(self.iterations), wall_time=self.wall_time)
         return out
 
@@ -123,12 +135,9 @@ def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object
     if isinstance(labels, str):
         _check_choice("labels", labels, LABEL_MODES)
         if labels == "idlg":
-            if batch != 1:
-                raise ValueError(
-                    "labels='idlg' reads one label from the gradient, but shape asks for a batch of "
-                    f"{batch}. Pass the labels as a tensor, or use labels='joint'."
-                )
-            return "idlg", torch.tensor([idlg_label(model, target)])
+            if batch == 1:
+                return "idlg", torch.tensor([idlg_label(model, target)])
+            return "idlg", batch_labels(model, target, batch, rule="count")
         return "joint", None
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be 'joint', 'idlg' or a tensor of class indices, got {type(labels).__name__}.")
@@ -155,8 +164,10 @@ def reconstruct(
     restarts: int = 1,
     init: str = "uniform",
     clamp: bool = False,
-    tol: float | None = 1e-5,
+    tol: float | None = 1e-8,
+    tol_relative: bool = True,
     patience: int | None = 10,
+    restart_policy: str = "failed",
     line_search: bool = True,
     history_every: int | None = 10,
     seed: int = 0,
@@ -168,23 +179,29 @@ def reconstruct(
 
     - ``shape``: the dummy batch's shape ``(N, C, H, W)``; the attacker is assumed to know it.
     - ``labels``: ``"joint"`` optimises a soft label with the image (DLG); ``"idlg"`` reads the
-      label from the last layer's gradient first (iDLG, one example); a tensor means known labels.
+      label from the last layer's gradient first (iDLG for one example; for a batch the
+      count-aware rule of :func:`dlgkit.attacks.labels.batch_labels`); a tensor means known labels.
     - ``distance``: ``"l2"`` (paper) or ``"cosine"``; ``tv`` weights a total-variation prior.
     - ``optimizer``: ``"lbfgs"`` (paper; ``lr`` defaults to 1) or ``"adam"`` (``lr`` 0.1);
       ``line_search=True`` (default) gives L-BFGS a strong-Wolfe line search; the paper used none.
     - ``iterations``: optimiser steps per restart (one L-BFGS step runs up to 20 evaluations).
-    - ``restarts``: independent random starts; the one with the lowest final distance wins.
-      When ``tol`` is set, a run stops once the distance falls below it and later restarts are
-      skipped. A run whose distance becomes NaN counts as diverged; an L-BFGS run that has not
-      improved for ``patience`` iterations is stopped as stalled (None: never; Adam's noisy
-      curve is never cut short).
+    - ``restarts``: at most this many runs from independent random starts; the one with the
+      lowest final distance wins. With ``restart_policy="failed"`` (default) a new start is only
+      tried after a run diverged (NaN) or stalled (an L-BFGS run that has not improved for
+      ``patience`` iterations; None: never) far above ``tol``; a run that converged, stalled at
+      float precision, or used its whole budget while still improving ends the attack.
+      ``"always"`` runs them all. Adam's noisy curve is never cut short.
+    - ``tol``: a run stops once the distance falls below it. With ``tol_relative=True`` the
+      threshold is ``tol`` times the shared gradient's squared norm divided by B² (L2
+      distance): free of the model's gradient scale, and as strict per image for a batch, whose
+      images each enter the mean gradient with weight 1/B.
     - ``init``: dummy starts as ``"gaussian"`` noise (paper) or ``"uniform"`` noise in [0, 1].
-
-    The defaults are the course's recommended single-image attack (see :data:`RECOMMENDED`,
-    which also sets ``restarts=4``); ``reconstruct(..., **PAPER_DLG)`` reproduces the paper.
     - ``clamp``: project the dummy onto [0, 1] after every step.
     - ``history_every``: keep a snapshot every k iterations (and at 0); None keeps none.
     - ``progress``: a tqdm bar per restart (None: on unless ``DLGKIT_PROGRESS=0``).
+
+    The defaults are the course's recommended attack (see :data:`RECOMMENDED`, which also sets
+    ``restarts=4``); ``reconstruct(..., **PAPER_DLG)`` reproduces the paper.
 
     Defined in :doc:`/book/02_single_image_dlg`.
     """
@@ -199,6 +216,7 @@ def reconstruct(
     _check_choice("init", init, INITS)
     _check_positive_int("iterations", iterations)
     _check_positive_int("restarts", restarts)
+    _check_choice("restart_policy", restart_policy, ("failed", "always"))
     if history_every is not None:
         _check_positive_int("history_every", history_every)
     if patience is not None:
@@ -217,10 +235,13 @@ def reconstruct(
     mode, known = _resolve_labels(model, target, labels, shape[0], num_classes)
     target = [t.to(device) for t in target]
     lr = lr if lr is not None else (1.0 if optimizer == "lbfgs" else 0.1)
+    if tol is not None and tol_relative and distance == "l2":
+        tol = tol * float(sum((t.double() ** 2).sum() for t in target)) / shape[0] ** 2
 
     start_time = time.perf_counter()
     best: dict | None = None
     restart_losses: list[float] = []
+    statuses: list[str] = []
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for restart in range(restarts):
         run = _single_run(
@@ -229,10 +250,12 @@ def reconstruct(
             progress=progress, desc=f"DLG restart {restart + 1}/{restarts}" if restarts > 1 else "DLG",
         )
         restart_losses.append(run["final"])
+        statuses.append(run["status"])
         if best is None or run["final"] < best["final"]:
             best = dict(run, restart=restart)
-        if tol is not None and run["final"] < tol:
-            break
+        failed = run["status"] == "diverged" or (run["status"] == "stalled" and (tol is None or run["final"] > 1e3 * tol))
+        if restart_policy == "failed" and not failed:
+            break  # converged, still improving at the end of its budget, or stalled at float precision
     assert best is not None
     return AttackResult(
         reconstruction=best["x"],
@@ -242,6 +265,7 @@ def reconstruct(
         history_iters=best["history_iters"],
         wall_time=time.perf_counter() - start_time,
         restart_losses=restart_losses,
+        statuses=statuses,
         best_restart=best["restart"],
         label_mode=mode,
         label_probs=best["probs"],
@@ -289,7 +313,7 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
             history_iters.append(i)
 
     snapshot(0)
-    diverged = False
+    diverged, status = False, "budget"
     bar = tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False)
     for i in bar:
         before = opt.step(closure)
@@ -298,9 +322,9 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
                 dummy.clamp_(0, 1)
         # L-BFGS moves a long way within one step, so measure where it landed (one extra
         # evaluation against up to 20 inside the step); Adam's own value is one step behind.
-        current = float(objective().detach()) if optimizer == "lbfgs" else float(before)
+        current = float(objective().detach()) if optimizer == "lbfgs" else float(before.detach())
         if not math.isfinite(current):
-            diverged = True
+            diverged, status = True, "diverged"
             losses.append(math.inf)
             break
         losses.append(current)
@@ -308,9 +332,11 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
         if progress and i % 10 == 0:
             bar.set_postfix(distance=f"{current:.2e}")
         if tol is not None and current < tol:
+            status = "converged"
             break
         if optimizer == "lbfgs" and patience is not None and len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1 - 1e-9):
-            break  # L-BFGS has stalled: no progress in `patience` steps, a restart is cheaper
+            status = "stalled"  # no progress in `patience` steps: a restart is cheaper
+            break
     bar.close()
     if history_every is not None and history_iters[-1] != len(losses) and not diverged:
         history.append(dummy.detach().clamp(0, 1).cpu().clone())
@@ -328,4 +354,5 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
         "history": history,
         "history_iters": history_iters,
         "final": math.inf if diverged else losses[-1],
+        "status": status,
     }

@@ -18,7 +18,7 @@ from torch import nn
 
 from dlgkit.federated import check_gradients
 
-__all__ = ["last_linear_layer", "idlg_label"]
+__all__ = ["last_linear_layer", "idlg_label", "label_set", "batch_labels", "BATCH_RULES"]
 
 
 def last_linear_layer(model: nn.Module) -> tuple[int, int | None]:
@@ -44,3 +44,62 @@ def idlg_label(model: nn.Module, gradients: Sequence[torch.Tensor]) -> int:
     w_idx, b_idx = last_linear_layer(model)
     scores = gradients[b_idx] if b_idx is not None else gradients[w_idx].sum(dim=1)
     return int(torch.argmin(scores).item())
+
+
+BATCH_RULES = ("set", "count")
+
+
+def _last_layer_scores(model: nn.Module, gradients: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    w_idx, b_idx = last_linear_layer(model)
+    if b_idx is not None:
+        return gradients[b_idx].detach().double(), True
+    return gradients[w_idx].detach().double().sum(dim=1), False
+
+
+def label_set(model: nn.Module, gradients: Sequence[torch.Tensor]) -> list[int]:
+    """The distinct labels of a batch: the classes whose last-layer bias gradient (or weight-row
+    sum) is negative (the iDLG sign rule applied to a mean gradient).
+
+    Needs: softmax cross-entropy averaged over the batch; non-negative features into the last
+    layer when there is no bias; and, for each present class, the examples' own ``-1/B`` terms
+    outweighing the probability the *other* examples give that class (true unless the model is
+    already confident on it). Defined in :doc:`/book/03_batched_dlg`.
+    """
+    scores, _ = _last_layer_scores(model, check_gradients(model, gradients))
+    return sorted(int(i) for i in torch.nonzero(scores < 0).flatten())
+
+
+def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int, rule: str = "count") -> torch.Tensor:
+    """Labels of a batch of ``batch_size`` examples read from the last layer's gradient.
+
+    - ``rule="set"`` (after Yin et al., 2021): the ``batch_size`` classes with the most negative
+      scores. Assumes the labels are distinct.
+    - ``rule="count"`` (in the spirit of Wainakh et al., 2022): classes may repeat. Each occurrence
+      of a class lowers its bias gradient by ``1/B`` (with a bias; otherwise by an impact
+      estimated as the negative mass divided by B), on top of an offset that the other examples'
+      probabilities add to every class, estimated as the mean positive score. Classes are picked
+      greedily, most negative first, adding one impact back after each pick, until B are chosen.
+
+    Returns a sorted tensor of ``batch_size`` class indices (the order of a batch is not in the
+    gradient). Defined in :doc:`/book/03_batched_dlg`.
+    """
+    if rule not in BATCH_RULES:
+        raise ValueError(f"rule={rule!r} is not known; choose one of {list(BATCH_RULES)}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    scores, has_bias = _last_layer_scores(model, check_gradients(model, gradients))
+    if batch_size > scores.numel() and rule == "set":
+        raise ValueError(f"rule='set' assumes distinct labels, but batch_size={batch_size} exceeds the {scores.numel()} classes.")
+    if rule == "set":
+        return torch.sort(torch.argsort(scores)[:batch_size]).values
+    negative = scores[scores < 0]
+    impact = 1.0 / batch_size if has_bias else float(-negative.sum()) / batch_size
+    positive = scores[scores > 0]
+    offset = float(positive.mean()) if positive.numel() else 0.0
+    adjusted = scores - offset
+    picks = []
+    for _ in range(batch_size):
+        c = int(torch.argmin(adjusted))
+        picks.append(c)
+        adjusted[c] += impact
+    return torch.sort(torch.tensor(picks)).values

@@ -11,7 +11,7 @@ from bs4 import BeautifulSoup
 
 ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
-CHAPTERS = ["book/01_gradient_sharing", "book/02_single_image_dlg"]
+CHAPTERS = ["book/01_gradient_sharing", "book/02_single_image_dlg", "book/03_batched_dlg"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,9 @@ def test_chapter_is_built_and_executed(pages, chapter):
     assert "colab.research.google.com" in str(soup), "no Colab launch button"
 
 
-def test_chapter2_carries_the_scrubber_widget_state(pages):
-    soup = pages["book/02_single_image_dlg.html"]
+@pytest.mark.parametrize("chapter", ["book/02_single_image_dlg", "book/03_batched_dlg"])
+def test_chapter_carries_the_scrubber_widget_state(pages, chapter):
+    soup = pages[f"{chapter}.html"]
     state = _widget_state(soup)
     models = [entry["model_name"] for entry in state.values()]
     assert "StackModel" in models, "the scrubber's Stack is missing from the widget state"
@@ -76,7 +77,7 @@ def test_no_broken_internal_links(pages):
     assert not broken, "broken internal links:\n" + "\n".join(broken[:20])
 
 
-@pytest.mark.parametrize("name", ["ch01_gradient_sharing", "ch02_single_image_dlg"])
+@pytest.mark.parametrize("name", ["ch01_gradient_sharing", "ch02_single_image_dlg", "ch03_batched_dlg"])
 def test_solutions_pages_are_built_and_pass_their_checks(pages, name):
     soup = pages[f"solutions/{name}.html"]
     text = soup.get_text()
