@@ -86,7 +86,7 @@ def test_every_check_fails_on_its_stub(path, monkeypatch):
             assert "❌" in output and "not implemented yet" in output, output
         else:
             assert error is None, f"a non-check cell failed in the student notebook: {error!r}\n{source}"
-    assert checks >= 3
+    assert checks >= 2
 
 
 def test_generator_replaces_blocks_and_keeps_hints():

@@ -18,7 +18,9 @@ CHAPTERS = ["book/01_gradient_sharing", "book/02_single_image_dlg", "book/03_bat
 def pages() -> dict[str, BeautifulSoup]:
     if not (HTML / "index.html").exists():
         pytest.fail("the book is not built: run `jupyter-book build .` (make test does) first")
-    return {str(p.relative_to(HTML)): BeautifulSoup(p.read_text(encoding="utf-8"), "html.parser") for p in HTML.rglob("*.html")}
+    # pages only: _static holds the theme's template fragments, not pages
+    files = [p for p in HTML.rglob("*.html") if p.relative_to(HTML).parts[0] not in ("_static", "_sources")]
+    return {str(p.relative_to(HTML)): BeautifulSoup(p.read_text(encoding="utf-8"), "html.parser") for p in files}
 
 
 def _widget_state(soup: BeautifulSoup) -> dict:
