@@ -63,7 +63,7 @@ def show_pairs(originals: torch.Tensor, reconstructions: torch.Tensor, titles: S
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")
     fig, axes = plt.subplots(2, n, figsize=(size * n + 0.8, size * 2), squeeze=False)
     for k in range(n):
-        _imshow(axes[0, k], originals[k], "original" if n == 1 else None)
+        _imshow(axes[0, k], originals[k])
         _imshow(axes[1, k], reconstructions[k], titles[k] if titles else None)
     axes[0, 0].set_ylabel("original")
     axes[1, 0].set_ylabel("recovered")

@@ -31,6 +31,7 @@ DISTANCES = ("l2", "cosine")
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("gaussian", "uniform")
 LABEL_MODES = ("joint", "idlg")
+LBFGS_TOLERANCE_GRAD, LBFGS_TOLERANCE_CHANGE = 1e-7, 1e-9  # PyTorch's defaults
 
 #: DLG exactly as in the paper's code: a random soft label optimised jointly with the image,
 #: Gaussian noise as the start, L-BFGS with step 1 and no line search, 300 steps (plus the
@@ -294,7 +295,8 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
 
     if optimizer == "lbfgs":
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
-            variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None
+            variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None,
+            tolerance_grad=LBFGS_TOLERANCE_GRAD, tolerance_change=LBFGS_TOLERANCE_CHANGE,
         )
     else:
         opt = torch.optim.Adam(variables, lr=lr)
