@@ -165,3 +165,12 @@ def test_presets_are_valid_keyword_sets(face_setup):
     for preset in (attacks.PAPER_DLG, attacks.RECOMMENDED):
         result = attacks.reconstruct(model, grads, x.shape, **dict(preset, iterations=2, restarts=1), seed=0)
         assert result.iterations <= 2
+
+
+def test_attack_follows_the_model_dtype():
+    x, _ = data.lfw_faces(1, size=16)
+    model = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0).double()
+    grads = federated.client_gradient(model, x.double(), torch.tensor([4]))
+    for labels in ("idlg", "joint"):
+        result = attacks.reconstruct(model, grads, x.shape, labels=labels, iterations=3, seed=0)
+        assert result.reconstruction.dtype == torch.float64

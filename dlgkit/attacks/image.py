@@ -276,10 +276,10 @@ def reconstruct(
 def _single_run(model, params, target, shape, mode, known, num_classes, distance, tv, optimizer, lr,
                 iterations, init, clamp, tol, patience, line_search, history_every, generator, device, progress, desc) -> dict:
     noise = torch.randn(shape, generator=generator) if init == "gaussian" else torch.rand(shape, generator=generator)
-    dummy = noise.to(device).contiguous().requires_grad_(True)
+    dummy = noise.to(device=device, dtype=params[0].dtype).contiguous().requires_grad_(True)
     variables = [dummy]
     if mode == "joint":
-        dummy_label = torch.randn((shape[0], num_classes), generator=generator).to(device).requires_grad_(True)
+        dummy_label = torch.randn((shape[0], num_classes), generator=generator).to(device=device, dtype=params[0].dtype).requires_grad_(True)
         variables.append(dummy_label)
     else:
         hard = known.to(device)
