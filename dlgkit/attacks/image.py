@@ -31,7 +31,6 @@ DISTANCES = ("l2", "cosine")
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("gaussian", "uniform")
 LABEL_MODES = ("joint", "idlg")
-LBFGS_TOLERANCE_GRAD, LBFGS_TOLERANCE_CHANGE = 1e-7, 1e-9  # PyTorch's defaults
 
 #: DLG exactly as in the paper's code: a random soft label optimised jointly with the image,
 #: Gaussian noise as the start, L-BFGS with step 1 and no line search, 300 steps (plus the
@@ -189,8 +188,9 @@ def reconstruct(
     - ``restarts``: at most this many runs from independent random starts; the one with the
       lowest final distance wins. With ``restart_policy="failed"`` (default) a new start is only
       tried after a run diverged (NaN) or stalled (an L-BFGS run that has not improved for
-      ``patience`` iterations; None: never) far above ``tol``; a run that converged, stalled at
-      float precision, or used its whole budget while still improving ends the attack.
+      ``patience`` iterations; None: never) more than 1000 times above ``tol``; a run that
+      converged, stalled close to ``tol``, or used its whole budget while still improving ends
+      the attack.
       ``"always"`` runs them all. Adam's noisy curve is never cut short.
     - ``tol``: a run stops once the distance falls below it. With ``tol_relative=True`` the
       threshold is ``tol`` times the shared gradient's squared norm divided by B² (L2
@@ -256,7 +256,7 @@ def reconstruct(
             best = dict(run, restart=restart)
         failed = run["status"] == "diverged" or (run["status"] == "stalled" and (tol is None or run["final"] > 1e3 * tol))
         if restart_policy == "failed" and not failed:
-            break  # converged, still improving at the end of its budget, or stalled at float precision
+            break  # converged, still improving at the end of its budget, or stalled close to tol
     assert best is not None
     return AttackResult(
         reconstruction=best["x"],
@@ -295,8 +295,7 @@ def _single_run(model, params, target, shape, mode, known, num_classes, distance
 
     if optimizer == "lbfgs":
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
-            variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None,
-            tolerance_grad=LBFGS_TOLERANCE_GRAD, tolerance_change=LBFGS_TOLERANCE_CHANGE,
+            variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None
         )
     else:
         opt = torch.optim.Adam(variables, lr=lr)
