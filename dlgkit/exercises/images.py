@@ -1,20 +1,14 @@
-"""Automatic feedback for the exercises: one ``check_*`` function per exercise.
-
-Each check runs the student's function on fresh random inputs, compares against a
-reference or a property, prints a pass message or what went wrong, and returns True/False
-(it never raises, so a notebook can be run top to bottom). The exercises themselves live in
-``exercises/`` (generated from ``solutions/``).
-"""
+"""Checks for the exercises of chapters 1-3 (gradients, single-image DLG, batches)."""
 
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import torch
 from torch import nn
 
 from dlgkit import attacks, data, federated, metrics, models
+from dlgkit.exercises._common import ExerciseFailure, _report, _require, _tensor
 
 __all__ = [
     "check_shared_gradient",
@@ -29,40 +23,10 @@ __all__ = [
 ]
 
 
-class ExerciseFailure(AssertionError):
-    """Raised inside a check to report a wrong answer with an explanation."""
-
-
-def _report(name: str, body: Callable[[], str]) -> bool:
-    try:
-        detail = body()
-    except NotImplementedError:
-        print(f"❌ {name}: not implemented yet (the function still raises NotImplementedError).")
-        return False
-    except ExerciseFailure as failure:
-        print(f"❌ {name}: {failure}")
-        return False
-    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        print(f"❌ {name}: your function raised {type(exc).__name__}: {exc} (line {frame.lineno} of {frame.filename}).")
-        return False
-    print(f"✅ {name}: passed. {detail}")
-    return True
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ExerciseFailure(message)
-
-
-def _tensor(value: object, what: str) -> torch.Tensor:
-    _require(isinstance(value, torch.Tensor), f"{what} should be a torch.Tensor, got {type(value).__name__}.")
-    return value  # type: ignore[return-value]
-
-
 def _mlp(seed: int, d_in: int = 12, hidden: int = 7, classes: int = 4) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
+
 
 
 # --- chapter 1 -----------------------------------------------------------------------------

@@ -1,0 +1,14 @@
+"""Automatic feedback for the exercises: one ``check_*`` function per exercise.
+
+Each check runs the student's function on fresh random inputs, compares against a
+reference or a property, prints a pass message or what went wrong, and returns True/False
+(it never raises, so a notebook can be run top to bottom). The exercises themselves live in
+``exercises/`` (generated from ``solutions/``). The checks are grouped by chapter in
+submodules and all re-exported here, so ``from dlgkit import exercises as ex`` is enough.
+"""
+
+from dlgkit.exercises._common import ExerciseFailure
+from dlgkit.exercises.images import *  # noqa: F403
+from dlgkit.exercises.images import __all__ as _images_all
+
+__all__ = ["ExerciseFailure", *_images_all]
