@@ -1,4 +1,5 @@
-"""Image and label metrics (PSNR and SSIM through scikit-image, not hand-written).
+"""Image, label and text metrics (PSNR and SSIM through scikit-image, ROUGE through
+``rouge-score``, not hand-written).
 
 All image metrics take tensors of shape (C, H, W) or (N, C, H, W) with values in [0, 1]
 (``data_range=1``). Batch versions return one value per image.
@@ -7,11 +8,13 @@ Defined in :doc:`/book/02_single_image_dlg`.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["mse", "psnr", "ssim", "label_accuracy", "multiset_label_accuracy", "align", "batch_report"]
+__all__ = ["mse", "psnr", "ssim", "label_accuracy", "multiset_label_accuracy", "align", "batch_report", "token_accuracy", "rouge", "align_texts", "text_report"]
 
 
 def _pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -148,4 +151,69 @@ def batch_report(
         labels = torch.as_tensor(labels).reshape(-1).cpu()
         out["label_accuracy"] = label_accuracy(labels[perm], true_labels)
         out["label_set_accuracy"] = multiset_label_accuracy(labels, true_labels)
+    return out
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def _id_list(ids: torch.Tensor | Sequence[int], what: str) -> list[int]:
+    if isinstance(ids, str):
+        raise TypeError(f"{what} must be token ids, not a string; tokenise it first.")
+    return [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+
+
+def token_accuracy(predicted: torch.Tensor | Sequence[int], truth: torch.Tensor | Sequence[int], ignore: Sequence[int] = ()) -> float:
+    """Fraction of the true sequence's positions whose token is recovered at that position
+    (positions holding a token id in ``ignore``, such as [CLS] and [SEP], are left out).
+    Defined in :doc:`/book/04_text_dlg`."""
+    pred, true = _id_list(predicted, "predicted"), _id_list(truth, "truth")
+    keep = [p for p, t in enumerate(true) if t not in set(ignore)]
+    if not keep:
+        raise ValueError("the true sequence has no token left to score.")
+    return sum(p < len(pred) and pred[p] == true[p] for p in keep) / len(keep)
+
+
+def rouge(predicted: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one text against a reference
+    (``rouge-score``, with stemming off). Defined in :doc:`/book/04_text_dlg`."""
+    from rouge_score import rouge_scorer
+
+    if not isinstance(predicted, str) or not isinstance(reference, str):
+        raise TypeError("rouge compares two strings; decode token ids first (TextModel.decode).")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    scores = scorer.score(reference, predicted)
+    return {k: float(v.fmeasure) for k, v in scores.items()}
+
+
+def align_texts(predicted: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """Match a batch of recovered sentences to the originals (Hungarian method on 1 - mean of
+    ROUGE-1 and ROUGE-2). Returns ``perm`` with ``predicted[perm[j]]`` matched to
+    ``references[j]``."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(predicted) != len(references) or not references:
+        raise ValueError(f"align_texts needs two non-empty lists of equal length, got {len(predicted)} and {len(references)}.")
+    n = len(references)
+    cost = np.zeros((n, n))
+    for i, p in enumerate(predicted):
+        for j, r in enumerate(references):
+            s = rouge(p, r)
+            cost[i, j] = 1 - (s["rouge1"] + s["rouge2"]) / 2
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(n, dtype=np.int64)
+    perm[cols] = rows
+    return torch.from_numpy(perm)
+
+
+def text_report(predicted: Sequence[str], references: Sequence[str]) -> dict:
+    """ROUGE-1/2/L and exact match of a batch of recovered sentences after alignment,
+    per sentence and as means. Defined in :doc:`/book/04_text_dlg`."""
+    if isinstance(predicted, str) or isinstance(references, str):
+        predicted, references = [predicted], [references]  # type: ignore[list-item]
+    perm = align_texts(predicted, references)
+    rows = [rouge(predicted[int(perm[j])], r) | {"exact": float(predicted[int(perm[j])].strip() == r.strip())} for j, r in enumerate(references)]
+    out = {k: float(np.mean([row[k] for row in rows])) for k in ("rouge1", "rouge2", "rougeL", "exact")}
+    out["per_sentence"] = rows
+    out["perm"] = perm
     return out

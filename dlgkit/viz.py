@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes"]
+__all__ = ["to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
 
 
 def to_numpy_image(t: torch.Tensor) -> np.ndarray:
@@ -133,36 +133,53 @@ def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int =
     attributes ``slider``, ``play``, ``mode`` and ``links`` (the browser-side links).
     Defined in :doc:`/book/02_single_image_dlg`.
     """
+    if len(history) == 0 or len(history) != len(iters):
+        raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
+    frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
+    return _frame_scrubber(frames, [f"<b>iter={it}</b>" for it in iters], "image", interval, mode)
+
+
+def text_scrubber(pages: Sequence[str], iters: Sequence[int], interval: int = 500, mode: str = "auto"):
+    """The scrubber of :func:`scrubber` for text: ``pages`` are HTML snippets (one per
+    snapshot, for example the decoded sentence with wrong tokens marked), ``iters`` their
+    iteration numbers. Defined in :doc:`/book/04_text_dlg`."""
+    if len(pages) == 0 or len(pages) != len(iters):
+        raise ValueError(f"pages ({len(pages)}) and iters ({len(iters)}) must be non-empty and of equal length.")
+    return _frame_scrubber(list(pages), [f"<b>iter={it}</b>" for it in iters], "html", interval, mode)
+
+
+def _frame_scrubber(frames: list, captions: list[str], kind: str, interval: int, mode: str):
+    """Play + slider over ``frames`` (PNG bytes for ``kind="image"``, HTML for ``"html"``)."""
     import ipywidgets as widgets
 
     if mode not in ("auto", "stack", "callback"):
         raise ValueError(f"mode={mode!r} is not known; choose 'auto', 'stack' or 'callback'.")
-    if len(history) == 0 or len(history) != len(iters):
-        raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
     if mode == "auto":
         mode = scrubber_mode()
     if mode == "stack" and not hasattr(widgets, "Stack"):
         raise RuntimeError(f"mode='stack' needs ipywidgets >= 8 (installed: {widgets.__version__}); use mode='callback'.")
-    frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
-    captions = [f"<b>iter={it}</b>" for it in iters]
+
+    def content(frame):
+        return widgets.Image(value=frame, format="png") if kind == "image" else widgets.HTML(frame)
+
     last = len(frames) - 1
     play = widgets.Play(value=0, min=0, max=last, step=1, interval=interval, description="play")
     slider = widgets.IntSlider(value=0, min=0, max=last, step=1, description="snapshot", readout=False, continuous_update=True)
     links = [widgets.jslink((play, "value"), (slider, "value"))]
     if mode == "stack":
-        pages = [widgets.VBox([widgets.HTML(c), widgets.Image(value=f, format="png")]) for c, f in zip(captions, frames)]
+        pages = [widgets.VBox([widgets.HTML(c), content(f)]) for c, f in zip(captions, frames)]
         view = widgets.Stack(pages, selected_index=0)
         links.append(widgets.jslink((slider, "value"), (view, "selected_index")))
     else:
-        image = widgets.Image(value=frames[0], format="png")
+        shown = content(frames[0])
         caption = widgets.HTML(captions[0])
 
         def show(change: dict) -> None:
-            image.value = frames[change["new"]]
+            shown.value = frames[change["new"]]
             caption.value = captions[change["new"]]
 
         slider.observe(show, names="value")
-        view = widgets.VBox([caption, image])
+        view = widgets.VBox([caption, shown])
     box = widgets.VBox([widgets.HBox([play, slider]), view])
     box.slider, box.play, box.mode, box.links = slider, play, mode, links
     return box

@@ -1,0 +1,392 @@
+"""Gradient leakage for text: the bag of words, DLG for text, and exact recovery from a span.
+
+Three leaks, from the cheapest to the strongest:
+
+1. :func:`bag_of_words`: a row of the word-embedding gradient is non-zero exactly when its
+   token occurs in the input, and a row of the position-embedding gradient is non-zero exactly
+   for the positions in use, so the set of tokens and the sequence length are read off.
+2. :func:`reconstruct_text`: DLG (Zhu et al., 2019) for text. Dummy input embeddings are
+   optimised until their gradient matches the shared one, then each position is decoded to a
+   token (nearest vocabulary embedding by cosine, or a choice within the bag of words).
+3. :func:`span_recover`: after DAGER (Petrov et al., 2024). The gradient of the first
+   attention layer's query, key and value weights is a sum of outer products ``delta_t x_t^T``
+   with the layer's inputs ``x_t = LayerNorm(word[token] + pos[t] + type[0])``, so its row space
+   is spanned by those inputs. A candidate (token, position) is in the input exactly when its
+   ``x`` lies in that span.
+
+Defined in :doc:`/book/04_text_dlg`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dlgkit.budget import progress_enabled
+from dlgkit.text import TextModel, check_double_backward
+
+__all__ = ["BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "history_table"]
+
+
+def _param_name(tm: TextModel, param: torch.nn.Parameter) -> str:
+    for name, p in tm.model.named_parameters():
+        if p is param:
+            return name
+    raise ValueError("parameter not found in the model")  # pragma: no cover - internal
+
+
+def _embeddings(tm: TextModel):
+    base = getattr(tm.model, tm.model.base_model_prefix, tm.model)
+    emb = getattr(base, "embeddings", None)
+    if emb is None or not hasattr(emb, "position_embeddings"):
+        raise ValueError(f"{type(tm.model).__name__} has no BERT-style embeddings (word + position + token type); the text attacks need a BERT-family model.")
+    return base, emb
+
+
+def _require(grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if not isinstance(grads, dict):
+        raise TypeError(f"gradients must be a dict from parameter name to tensor (as dlgkit.text.text_gradient returns), got {type(grads).__name__}.")
+    if name not in grads:
+        raise KeyError(f"the shared gradients have no entry {name!r}; were they computed on this model?")
+    return grads[name]
+
+
+@dataclass
+class BagOfWords:
+    """Tokens read off the embedding gradient: ``ids`` (sorted), their WordPiece ``tokens``,
+    the gradient row norm of each (``weights``), and the sequence ``length`` (positions whose
+    position-embedding gradient row is non-zero; the longest sentence of a batch)."""
+
+    ids: torch.Tensor
+    tokens: list[str]
+    weights: torch.Tensor
+    length: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel) -> BagOfWords:
+    """Leak 1: the set of input tokens and the length. Defined in :doc:`/book/04_text_dlg`."""
+    _, emb = _embeddings(tm)
+    word = _require(grads, _param_name(tm, emb.word_embeddings.weight))
+    pos = _require(grads, _param_name(tm, emb.position_embeddings.weight))
+    norms = word.abs().sum(dim=1)
+    ids = (norms > 0).nonzero().flatten().cpu()
+    used = (pos.abs().sum(dim=1) > 0).nonzero().flatten()
+    length = int(used.max()) + 1 if used.numel() else 0
+    return BagOfWords(ids=ids, tokens=tm.tokens(ids), weights=norms[ids].cpu(), length=length)
+
+
+def text_label(grads: dict[str, torch.Tensor], tm: TextModel) -> int:
+    """The label of one sentence from the classifier's bias gradient (softmax minus one-hot:
+    only the true class is negative), the text version of iDLG's rule."""
+    head = [k for k in grads if k.endswith("bias") and grads[k].dim() == 1 and grads[k].numel() == tm.num_labels]
+    if not head:
+        raise ValueError("no classifier bias gradient found among the shared gradients.")
+    return int(grads[head[-1]].argmin())
+
+
+def _layer0_inputs(tm: TextModel, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x = LayerNorm(word[token] + pos[position] + type[0]) for pairs of (token, position)."""
+    _, emb = _embeddings(tm)
+    w = emb.word_embeddings.weight[token_ids]
+    p = emb.position_embeddings.weight[positions]
+    t = emb.token_type_embeddings.weight[0]
+    return emb.LayerNorm(w + p + t)
+
+
+def _first_layer_gradient(grads: dict[str, torch.Tensor], tm: TextModel) -> torch.Tensor:
+    base, _ = _embeddings(tm)
+    attn = base.encoder.layer[0].attention.self
+    blocks = [_require(grads, _param_name(tm, getattr(attn, k).weight)) for k in ("query", "key", "value")]
+    return torch.cat(blocks, dim=0).double()
+
+
+def span_residuals(gradient: torch.Tensor, x: torch.Tensor, rank: int | None = None, rel_tol: float = 1e-5) -> tuple[torch.Tensor, int]:
+    """Relative distance of each row of ``x`` (n, d) from the row space of ``gradient`` (m, d).
+
+    The row space is taken from the singular vectors whose singular value exceeds
+    ``rel_tol`` times the largest (or the top ``rank``). Returns (residuals, rank).
+    """
+    if gradient.dim() != 2 or x.dim() != 2 or gradient.shape[1] != x.shape[1]:
+        raise ValueError(f"gradient (m, d) and candidates (n, d) must share d; got {tuple(gradient.shape)} and {tuple(x.shape)}.")
+    _, s, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+    if rank is None:
+        rank = int((s > rel_tol * s[0]).sum())
+    basis = vh[:rank].T
+    xd = x.double()
+    residual = xd - (xd @ basis) @ basis.T
+    return (residual.norm(dim=1) / xd.norm(dim=1).clamp_min(1e-30)).float(), rank
+
+
+@dataclass
+class SpanResult:
+    """Leak 3. ``ids`` holds, per position, the best candidate token (one sentence);
+    ``found`` lists every accepted (position, token id, residual); ``residuals`` is the
+    (candidates, positions) matrix; ``rank`` the dimension of the span."""
+
+    ids: torch.Tensor
+    found: list[tuple[int, int, float]]
+    residuals: torch.Tensor
+    candidates: torch.Tensor
+    rank: int
+    threshold: float
+    seconds: float
+
+    def per_position(self) -> list[list[int]]:
+        """Accepted token ids at each position (several for a batch)."""
+        out: list[list[int]] = [[] for _ in range(self.residuals.shape[1])]
+        for p, t, _ in self.found:
+            out[p].append(t)
+        return out
+
+
+@torch.no_grad()
+def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torch.Tensor | str = "bag", length: int | None = None, threshold: float = 1e-6) -> SpanResult:
+    """Exact recovery from the span of the first attention layer's weight gradient.
+
+    ``candidates`` are token ids to test (``"bag"``: the bag of words; ``"vocab"``: the whole
+    vocabulary, a few seconds on a CPU). Every (candidate, position) pair is scored by its
+    relative residual off the span; pairs under ``threshold`` are in the input. For one
+    sentence, ``ids`` is the sentence. Defined in :doc:`/book/04_text_dlg`.
+    """
+    start = time.perf_counter()
+    bag = bag_of_words(grads, tm)
+    if isinstance(candidates, str):
+        if candidates not in ("bag", "vocab"):
+            raise ValueError(f"candidates={candidates!r} is not known; give 'bag', 'vocab' or a tensor of token ids.")
+        candidates = bag.ids if candidates == "bag" else torch.arange(tm.model.config.vocab_size)
+    candidates = torch.as_tensor(candidates, dtype=torch.long).flatten().cpu()
+    if candidates.numel() == 0:
+        raise ValueError("no candidate tokens to test.")
+    length = bag.length if length is None else length
+    g = _first_layer_gradient(grads, tm)
+    device = next(tm.model.parameters()).device
+    cand = candidates.to(device)
+    columns, rank = [], 0
+    for p in range(length):
+        x = _layer0_inputs(tm, cand, torch.full_like(cand, p))
+        r, rank = span_residuals(g, x)
+        columns.append(r.cpu())
+    residuals = torch.stack(columns, dim=1)
+    if rank >= g.shape[1]:
+        raise ValueError(f"the span has full dimension {rank}: the batch holds at least as many (token, position) pairs as the hidden size {g.shape[1]}, so every candidate lies in it. Attack smaller batches.")
+    best = residuals.argmin(dim=0)
+    found = [(int(p), int(candidates[i]), float(residuals[i, p])) for i, p in (residuals < threshold).nonzero().tolist()]
+    found.sort()
+    return SpanResult(ids=candidates[best], found=found, residuals=residuals, candidates=candidates, rank=rank, threshold=threshold, seconds=time.perf_counter() - start)
+
+
+@dataclass
+class TextAttackResult:
+    """Outcome of :func:`reconstruct_text`: the decoded ``ids`` (with [CLS]/[SEP]), their
+    ``text``, the decoded ids every ``record_every`` steps in ``history`` (with ``iters``), the
+    gradient distance per step in ``losses``, the label used, the wall time and the final
+    dummy input ``embeddings`` (L, d), for decoding them another way."""
+
+    ids: torch.Tensor
+    text: str
+    history: list[torch.Tensor] = field(default_factory=list)
+    iters: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    label: int = 0
+    seconds: float = 0.0
+    embeddings: torch.Tensor | None = None
+
+
+PARAMETRIZATIONS = ("embedding", "bag")
+DECODERS = ("cosine", "euclidean", "bag")
+
+
+def reconstruct_text(
+    tm: TextModel,
+    grads: dict[str, torch.Tensor],
+    *,
+    length: int | None = None,
+    label: int | None = None,
+    parametrization: str = "embedding",
+    decode: str = "bag",
+    optimizer: str = "adam",
+    lr: float | None = None,
+    iterations: int = 300,
+    fix_special: bool = True,
+    distance: str = "l2",
+    span_weight: float = 0.0,
+    record_every: int = 10,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> TextAttackResult:
+    """Leak 2: DLG for text on one sentence. Defined in :doc:`/book/04_text_dlg`.
+
+    ``parametrization="embedding"`` optimises a free vector per position (the paper's setting)
+    and decodes it with ``decode`` (``"cosine"`` or ``"euclidean"`` over the whole vocabulary,
+    or ``"bag"``: the most similar token of the bag of words). ``"bag"`` optimises, per position,
+    a softmax over the bag's embeddings and decodes the most likely token. ``length`` and
+    ``label`` default to what the gradient reveals (:func:`bag_of_words`, :func:`text_label`).
+    ``fix_special`` pins [CLS] and [SEP] at both ends. ``distance`` is ``"l2"`` (the paper's)
+    or ``"cosine"``; the word-embedding gradient itself is left out of the matching (dummy
+    embeddings produce none). ``span_weight > 0`` adds the distance of each dummy input of the
+    first layer from the span of that layer's shared gradient (the idea of DAGER) as a prior.
+    """
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization={parametrization!r} is not known; choose one of {list(PARAMETRIZATIONS)}.")
+    if decode not in DECODERS:
+        raise ValueError(f"decode={decode!r} is not known; choose one of {list(DECODERS)}.")
+    if optimizer not in ("adam", "lbfgs"):
+        raise ValueError(f"optimizer={optimizer!r} is not known; choose 'adam' or 'lbfgs'.")
+    if distance not in ("l2", "cosine"):
+        raise ValueError(f"distance={distance!r} is not known; choose 'l2' or 'cosine'.")
+    if iterations < 0 or record_every < 1:
+        raise ValueError("iterations must be >= 0 and record_every >= 1.")
+    check_double_backward(tm.model)
+    model = tm.model
+    start = time.perf_counter()
+    bag = bag_of_words(grads, tm)
+    length = bag.length if length is None else int(length)
+    if length < 3 and fix_special:
+        raise ValueError(f"length={length}: a sentence has at least [CLS], one token and [SEP].")
+    label = text_label(grads, tm) if label is None else int(label)
+    _, emb = _embeddings(tm)
+    word = emb.word_embeddings.weight.detach()
+    special = tm.special_ids
+    inner = bag.ids[~torch.isin(bag.ids, torch.tensor([special["cls"], special["sep"], special["pad"]]))]
+    if inner.numel() == 0:
+        raise ValueError("the bag of words holds no ordinary token; is this the gradient of a sentence?")
+    device = word.device
+    inner = inner.to(device)
+    free = length - 2 if fix_special else length
+    gen = torch.Generator().manual_seed(seed)
+    if parametrization == "embedding":
+        z = (torch.randn(1, free, word.shape[1], generator=gen) * word.std().cpu()).to(device)
+    else:
+        z = (torch.randn(1, free, inner.numel(), generator=gen) * 0.1).to(device)
+    z.requires_grad_(True)
+    lr = lr if lr is not None else (0.01 if parametrization == "embedding" else 0.1)
+    if optimizer == "lbfgs":
+        z = z.contiguous()
+        opt = torch.optim.LBFGS([z], lr=lr, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
+    else:
+        opt = torch.optim.Adam([z], lr=lr)
+
+    names = [k for k, p in model.named_parameters() if p.requires_grad and p is not emb.word_embeddings.weight]
+    params = [p for k, p in model.named_parameters() if k in set(names)]
+    target = [_require(grads, k).to(device) for k in names]
+    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
+    ends = (word[special["cls"]][None, None], word[special["sep"]][None, None])
+    y = torch.tensor([label], device=device)
+    mask = torch.ones(1, length, dtype=torch.long, device=device)
+    types = torch.zeros(1, length, dtype=torch.long, device=device)
+    span_basis = None
+    if span_weight > 0:
+        g0 = _first_layer_gradient(grads, tm)
+        _, s, vh = torch.linalg.svd(g0, full_matrices=False)
+        span_basis = vh[: int((s > 1e-5 * s[0]).sum())].T.float().to(device)
+
+    def embeds() -> torch.Tensor:
+        core = z if parametrization == "embedding" else torch.softmax(z, dim=-1) @ word[inner]
+        return torch.cat([ends[0], core, ends[1]], dim=1) if fix_special else core
+
+    def current_ids() -> torch.Tensor:
+        with torch.no_grad():
+            if parametrization == "bag":
+                core = inner[z[0].argmax(dim=1)].cpu()
+            else:
+                core = decode_embeddings(tm, z[0], decode, bag=inner)
+        if fix_special:
+            core = torch.cat([torch.tensor([special["cls"]]), core, torch.tensor([special["sep"]])])
+        return core
+
+    def objective() -> torch.Tensor:
+        e = embeds()
+        out = model(inputs_embeds=e, attention_mask=mask, token_type_ids=types, labels=y)
+        dummy = torch.autograd.grad(out.loss, params, create_graph=True)
+        if distance == "l2":
+            loss = sum(((d - t) ** 2).sum() for d, t in zip(dummy, target))
+        else:
+            dot = sum((d * t).sum() for d, t in zip(dummy, target))
+            loss = 1 - dot / (torch.sqrt(sum((d * d).sum() for d in dummy)) * target_norm + 1e-12)
+        if span_basis is not None:
+            x = emb.LayerNorm(e[0] + emb.position_embeddings.weight[:length] + emb.token_type_embeddings.weight[0])
+            off = x - (x @ span_basis) @ span_basis.T
+            loss = loss + span_weight * (off.norm(dim=1) / x.norm(dim=1)).pow(2).mean()
+        return loss
+
+    history, iters, losses = [], [], []
+    for it in tqdm(range(iterations + 1), desc="text DLG", disable=not progress_enabled(progress), leave=False):
+        if it % record_every == 0 or it == iterations:
+            history.append(current_ids())
+            iters.append(it)
+        if it == iterations:
+            break
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        losses.append(float(loss.detach()))
+        if not torch.isfinite(loss):
+            break
+    ids = history[-1]
+    return TextAttackResult(ids=ids, text=tm.decode(ids), history=history, iters=iters, losses=losses, label=label, seconds=time.perf_counter() - start, embeddings=embeds().detach()[0].cpu())
+
+
+@torch.no_grad()
+def decode_embeddings(tm: TextModel, embeddings: torch.Tensor, how: str = "cosine", bag: torch.Tensor | None = None) -> torch.Tensor:
+    """Token id of each row of ``embeddings`` (L, d): the vocabulary embedding nearest by
+    ``"cosine"`` similarity or ``"euclidean"`` distance, or (``"bag"``) the most similar
+    token among the ids in ``bag``. Defined in :doc:`/book/04_text_dlg`."""
+    if how not in DECODERS:
+        raise ValueError(f"how={how!r} is not known; choose one of {list(DECODERS)}.")
+    if how == "bag" and (bag is None or len(bag) == 0):
+        raise ValueError("how='bag' needs the bag of words: pass bag=bag_of_words(grads, tm).ids.")
+    _, emb = _embeddings(tm)
+    word = emb.word_embeddings.weight.detach()
+    ids = torch.as_tensor(bag, device=word.device) if how == "bag" else torch.arange(word.shape[0], device=word.device)
+    table = word[ids]
+    e = embeddings.to(word.device, word.dtype)
+    if how == "euclidean":
+        best = torch.cdist(e, table).argmin(dim=1)
+    else:
+        best = (F.normalize(e, dim=1) @ F.normalize(table, dim=1).T).argmax(dim=1)
+    return ids[best].cpu()
+
+
+def history_table(result: TextAttackResult, truth: torch.Tensor | Sequence[int], tm: TextModel, every: int | None = None, fmt: str = "html") -> str:
+    """The paper's iteration table: the decoded text at each recorded step with the wrong
+    tokens marked (bold red in HTML, ``**`` in text), then the ground truth.
+    ``every`` keeps only iterations that are multiples of it."""
+    if fmt not in ("html", "text"):
+        raise ValueError(f"fmt={fmt!r} is not known; choose 'html' or 'text'.")
+    truth = [int(t) for t in truth]
+    specials = set(tm.special_ids.values())
+    rows = []
+    for it, ids in zip(result.iters, result.history):
+        if every is not None and it % every and it != result.iters[-1]:
+            continue
+        words = []
+        for p, t in enumerate(ids.tolist()):
+            if t in specials:
+                continue
+            token = tm.tokens([t])[0]
+            right = p < len(truth) and truth[p] == t
+            if fmt == "html":
+                token = html.escape(token)
+                words.append(token if right else f'<b style="color:#c00"><u>{token}</u></b>')
+            else:
+                words.append(token if right else f"**{token}**")
+        rows.append((f"iter={it}", " ".join(words)))
+    rows.append(("ground truth", tm.decode(truth)))
+    if fmt == "text":
+        return "\n".join(f"[{a}] {b}" for a, b in rows)
+    body = "".join(f"<tr><td style='white-space:nowrap'>{a}</td><td style='text-align:left'>{b if a != 'ground truth' else html.escape(b)}</td></tr>" for a, b in rows)
+    return f"<table><thead><tr><th>step</th><th>decoded (wrong tokens in bold red, underlined)</th></tr></thead><tbody>{body}</tbody></table>"
