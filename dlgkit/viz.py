@@ -124,19 +124,24 @@ def scrubber_mode() -> str:
     return "stack" if major >= 8 and hasattr(ipywidgets, "Stack") else "callback"
 
 
-def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int = 4, interval: int = 300, mode: str = "auto", columns: int | None = None):
+def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int = 4, interval: int = 300, mode: str = "auto", columns: int | None = None, captions: Sequence[str] | None = None):
     """A Play button and slider that step through the reconstruction's snapshots.
 
     ``history`` holds (N, C, H, W) snapshots (a batch becomes one tiled frame, ``columns``
     wide); ``iters`` their iteration numbers. ``mode="auto"`` picks :func:`scrubber_mode`;
     ``"stack"`` and ``"callback"`` force a path. Returns an ``ipywidgets.VBox`` with the
     attributes ``slider``, ``play``, ``mode`` and ``links`` (the browser-side links).
+    ``captions`` (HTML, one per snapshot) replace the default ``iter=k`` labels, for frames that
+    are not iterations (chapter 5 steps through defence strengths).
     Defined in :doc:`/book/02_single_image_dlg`.
     """
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
+    if captions is not None and len(captions) != len(history):
+        raise ValueError(f"captions ({len(captions)}) must give one caption per snapshot ({len(history)}).")
     frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
-    return _frame_scrubber(frames, [f"<b>iter={it}</b>" for it in iters], "image", interval, mode)
+    labels = list(captions) if captions is not None else [f"<b>iter={it}</b>" for it in iters]
+    return _frame_scrubber(frames, labels, "image", interval, mode)
 
 
 def text_scrubber(pages: Sequence[str], iters: Sequence[int], interval: int = 500, mode: str = "auto"):

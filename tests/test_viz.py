@@ -92,3 +92,12 @@ def test_scrubber_batch_and_errors():
         viz.scrubber([], [])
     with pytest.raises(ValueError, match=r"\(1\|3, H, W\)"):
         viz.to_numpy_image(torch.rand(2, 8, 8))
+
+
+def test_scrubber_captions_replace_iteration_labels():
+    frames = [torch.rand(2, 1, 8, 8) for _ in range(3)]
+    box = viz.scrubber(frames, [0, 1, 2], mode="callback", captions=["<b>a</b>", "<b>b</b>", "<b>c</b>"])
+    box.slider.value = 2
+    assert box.children[1].children[0].value == "<b>c</b>"
+    with pytest.raises(ValueError, match="one caption per snapshot"):
+        viz.scrubber(frames, [0, 1, 2], captions=["x"])

@@ -46,7 +46,7 @@ def idlg_label(model: nn.Module, gradients: Sequence[torch.Tensor]) -> int:
     return int(torch.argmin(scores).item())
 
 
-BATCH_RULES = ("set", "count")
+BATCH_RULES = ("set", "count", "probe")
 
 
 def _last_layer_scores(model: nn.Module, gradients: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -69,7 +69,7 @@ def label_set(model: nn.Module, gradients: Sequence[torch.Tensor]) -> list[int]:
     return sorted(int(i) for i in torch.nonzero(scores < 0).flatten())
 
 
-def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int, rule: str = "count") -> torch.Tensor:
+def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int, rule: str = "count", input_shape: Sequence[int] | None = None, probes: int = 64, seed: int = 0) -> torch.Tensor:
     """Labels of a batch of ``batch_size`` examples read from the last layer's gradient.
 
     - ``rule="set"`` (after Yin et al., 2021): the ``batch_size`` classes with the most negative
@@ -79,6 +79,12 @@ def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size
       estimated as the negative mass divided by B), on top of an offset that the other examples'
       probabilities add to every class, estimated as the mean positive score. Classes are picked
       greedily, most negative first, adding one impact back after each pick, until B are chosen.
+    - ``rule="probe"``: classes may repeat, and the model may be confident. With a bias, the
+      gradient of class c is ``(sum_k p_kc - n_c) / B``, so ``n_c = sum_k p_kc - B g_c``. The
+      unknown ``sum_k p_kc`` is estimated as B times the model's mean softmax on ``probes``
+      uniform-noise inputs of ``input_shape`` (C, H, W), the dummy-data estimate in the spirit
+      of Wainakh et al.; classes are then picked greedily by the largest remaining estimate.
+      Needs a bias in the last layer (falls back to ``"count"`` otherwise).
 
     Returns a sorted tensor of ``batch_size`` class indices (the order of a batch is not in the
     gradient). Defined in :doc:`/book/03_batched_dlg`.
@@ -92,6 +98,21 @@ def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size
         raise ValueError(f"rule='set' assumes distinct labels, but batch_size={batch_size} exceeds the {scores.numel()} classes.")
     if rule == "set":
         return torch.sort(torch.argsort(scores)[:batch_size]).values
+    if rule == "probe" and has_bias:
+        if input_shape is None or len(tuple(input_shape)) not in (3, 4):
+            raise ValueError("rule='probe' needs input_shape=(C, H, W) of one example (or the batch's (N, C, H, W)).")
+        shape = tuple(int(s) for s in input_shape)[-3:]
+        param = next(model.parameters())
+        noise = torch.rand((probes, *shape), generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
+        with torch.no_grad():
+            mean_probs = torch.softmax(model(noise), dim=-1).double().mean(dim=0).cpu()
+        estimate = batch_size * (mean_probs - scores.cpu())
+        picks = []
+        for _ in range(batch_size):
+            c = int(torch.argmax(estimate))
+            picks.append(c)
+            estimate[c] -= 1.0
+        return torch.sort(torch.tensor(picks)).values
     negative = scores[scores < 0]
     impact = 1.0 / batch_size if has_bias else float(-negative.sum()) / batch_size
     positive = scores[scores > 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -62,10 +63,12 @@ def test_citations_resolve(pages):
 
 
 def test_no_broken_internal_links(pages):
+    """Every local link, image, stylesheet and script exists, and a link to `page.html#anchor`
+    finds its anchor (so the links into the API reference land on their entry)."""
     broken = []
     for name, soup in pages.items():
         base = (HTML / name).parent
-        for tag, attr in (("a", "href"), ("img", "src"), ("link", "href"), ("script", "src")):
+        for tag, attr in (("a", "href"), ("img", "src"), ("link", "href"), ("script", "src"), ("source", "src")):
             for element in soup.find_all(tag):
                 url = element.get(attr)
                 if not url or url.startswith(("#", "mailto:", "data:", "javascript:")):
@@ -76,7 +79,86 @@ def test_no_broken_internal_links(pages):
                 target = (base / unquote(parsed.path)).resolve()
                 if not target.exists():
                     broken.append(f"{name}: {tag} {attr}={url}")
+                elif parsed.fragment and target.suffix == ".html":
+                    key = str(target.relative_to(HTML.resolve()))
+                    anchors = pages[key] if key in pages else None
+                    if anchors is not None and anchors.find(id=unquote(parsed.fragment)) is None:
+                        broken.append(f"{name}: {tag} {attr}={url} (no such anchor)")
     assert not broken, "broken internal links:\n" + "\n".join(broken[:20])
+
+
+def test_pages_load_nothing_from_other_hosts(pages):
+    """The book works offline: scripts, stylesheets and images come from the book itself
+    (widgets' HTML manager, require.js and MathJax from _static/npm; see `make js`)."""
+    external = []
+    for name, soup in pages.items():
+        for tag, attr in (("script", "src"), ("img", "src"), ("source", "src"), ("iframe", "src")):
+            external += [f"{name}: {tag} {e[attr]}" for e in soup.find_all(tag) if urlparse(e.get(attr, "")).netloc]
+        for link in soup.find_all("link", href=True):
+            rel = set(link.get("rel") or [])
+            if rel & {"stylesheet", "preload", "icon", "modulepreload"} and urlparse(link["href"]).netloc:
+                external.append(f"{name}: link {link['href']}")
+    assert not external, "pages load resources from other hosts:\n" + "\n".join(external[:20])
+
+
+def test_widget_pages_load_the_html_manager_from_static(pages):
+    widget_pages = [name for name, soup in pages.items() if soup.find("script", attrs={"type": "application/vnd.jupyter.widget-state+json"})]
+    assert widget_pages, "no page carries widget state"
+    # in this order: the embedder registers AMD modules, which widgets_setup.js maps onto _static
+    expected = ["_static/npm/requirejs/require.js", "_static/widgets_setup.js", "_static/npm/html-manager/embed-amd.js"]
+    for name in widget_pages:
+        sources = [e["src"].split("?")[0] for e in pages[name].find_all("script", src=True)]
+        found = [next((k for k, src in enumerate(sources) if src.endswith(script)), None) for script in expected]
+        assert None not in found, f"{name} does not load all of {expected}: {sources}"
+        assert found == sorted(found), f"{name} loads {expected} out of order: {sources}"
+        for script in expected:
+            assert (HTML / script).is_file(), f"{script} is missing from the built book (make js)"
+
+
+def _chapter_pages(pages) -> list[str]:
+    """Chapter pages found in the built book (book/NN_*.html), so that new chapters are covered."""
+    names = sorted(n for n in pages if re.fullmatch(r"book/\d\d_[^/]+\.html", n))
+    assert names, "no chapter pages found in _build/html/book"
+    return names
+
+
+def test_every_chapter_links_the_api_reference_where_it_first_uses_dlgkit(pages):
+    """Each chapter's text links into the API page (an entry, not only the sidebar) no later than
+    the first code cell that uses dlgkit."""
+    problems = []
+    for name in _chapter_pages(pages):
+        article = pages[name].select_one("article")
+        assert article is not None, f"{name} has no article element"
+        api_links = [a for a in article.find_all("a", href=True) if urlparse(a["href"]).path.endswith("api.html") and "#dlgkit." in a["href"]]
+        if not api_links:
+            problems.append(f"{name}: no link to an entry of the API reference")
+            continue
+        first_use = next((cell for cell in article.select("div.cell") if "dlgkit" in cell.get_text()), None)
+        if first_use is None:
+            continue
+        # document order: the first API link comes before (or inside) the first cell using dlgkit
+        elements = list(article.descendants)
+        if elements.index(api_links[0]) > elements.index(first_use):
+            problems.append(f"{name}: the first link to the API reference comes after the first use of dlgkit")
+    assert not problems, "\n".join(problems)
+
+
+_FILENAME = re.compile(r"(^|/)[^ ]+\.(png|jpe?g|gif|svg|webp)$", re.IGNORECASE)
+
+
+def test_every_figure_has_alt_text(pages):
+    """Accessibility: every image in the pages' text has an alt text that describes it (not the
+    file name that myst-nb falls back to); set it with the cell metadata `mystnb: image: alt:`."""
+    missing = []
+    for name, soup in pages.items():
+        if not name.startswith(("book/", "solutions/")):
+            continue  # generated indexes (py-modindex: decorative toggles)
+        article = soup.select_one("article")
+        for img in article.find_all("img") if article else []:
+            alt = (img.get("alt") or "").strip()
+            if len(alt) < 10 or _FILENAME.search(alt) or "_images/" in alt:
+                missing.append(f"{name}: {img.get('src', '')[:60]} alt={alt!r}")
+    assert not missing, "images without a real alt text:\n" + "\n".join(missing)
 
 
 @pytest.mark.parametrize("name", ["ch01_gradient_sharing", "ch02_single_image_dlg", "ch03_batched_dlg"])

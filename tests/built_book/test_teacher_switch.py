@@ -16,6 +16,9 @@ def test_solutions_pages_can_be_switched_off(tmp_path):
     config["exclude_patterns"] = list(config["exclude_patterns"]) + ["solutions"]
     config["execute"]["execute_notebooks"] = "off"  # this test is about the pages, not the results
     config["bibtex_bibfiles"] = [str(ROOT / path) for path in config["bibtex_bibfiles"]]
+    # local extensions are found relative to the config file
+    extensions = config["sphinx"].get("local_extensions") or {}
+    config["sphinx"]["local_extensions"] = {name: str(ROOT / path) for name, path in extensions.items()}
     config_path = tmp_path / "_config.yml"
     config_path.write_text(yaml.safe_dump(config))
     jupyter_book = Path(sys.executable).parent / "jupyter-book"

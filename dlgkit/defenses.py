@@ -1,0 +1,512 @@
+"""Defences against gradient leakage, and how to measure them: privacy against accuracy.
+
+Each defence changes what a client shares. Most are transforms of the shared gradient
+(noise, pruning, quantisation) and work on their own (:func:`add_noise`, :func:`prune`,
+:func:`quantise`) or inside a client (:class:`Defence`). Two change how the gradient is made:
+several local steps before sharing (FedAvg) and DP-SGD (per-example clipping plus Gaussian
+noise, through Opacus, with the privacy spent from Opacus's accountant).
+
+The same :meth:`Defence.share` produces what the attacker sees (:func:`attack_defended`) and
+what the server trains on (:func:`train_with_defence`), so both sides of the trade-off are
+measured on the same defended gradients.
+
+Defined in :doc:`/book/05_defences`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlgkit.federated import check_gradients, client_gradient, client_update
+
+__all__ = [
+    "NOISE_DISTRIBUTIONS",
+    "PRUNE_SCOPES",
+    "QUANTISE_DTYPES",
+    "DEFENCE_KINDS",
+    "add_noise",
+    "prune",
+    "quantise",
+    "dp_sgd_gradient",
+    "dp_epsilon",
+    "relative_change",
+    "PruningAwareModel",
+    "Defence",
+    "attack_defended",
+    "TrainResult",
+    "train_with_defence",
+    "privacy_accuracy_sweep",
+]
+
+NOISE_DISTRIBUTIONS = ("gaussian", "laplacian")
+PRUNE_SCOPES = ("layer", "global")
+QUANTISE_DTYPES = ("fp16", "int8")
+#: What :class:`Defence` accepts as ``kind``, and what ``strength`` means for each.
+DEFENCE_KINDS = {
+    "none": "no defence (strength ignored)",
+    "gaussian": "Gaussian noise of variance `strength` on every gradient entry",
+    "laplacian": "Laplacian noise of variance `strength` on every gradient entry",
+    "prune": "zero the fraction `strength` of smallest-magnitude entries of each tensor",
+    "prune_global": "zero the fraction `strength` of smallest-magnitude entries over all tensors",
+    "fp16": "round trip through half precision (strength ignored)",
+    "int8": "round trip through 8-bit integers with one scale per tensor (strength ignored)",
+    "local_steps": "share the FedAvg update after `strength` local SGD steps on the batch",
+    "dp_sgd": "DP-SGD: per-example clipping to `max_grad_norm`, Gaussian noise with multiplier `strength`",
+}
+
+
+def _check_number(name: str, value: object, low: float = 0.0, high: float | None = None, fix: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        allowed = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.{' ' + fix if fix else ''}")
+    return value
+
+
+def _gradients(gradients: Sequence[torch.Tensor], name: str = "gradients") -> list[torch.Tensor]:
+    if isinstance(gradients, torch.Tensor) or not isinstance(gradients, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors (one per model parameter), got {type(gradients).__name__}.")
+    for i, g in enumerate(gradients):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(g).__name__}, expected a tensor.")
+    return [g.detach() for g in gradients]
+
+
+def add_noise(
+    gradients: Sequence[torch.Tensor], variance: float, distribution: str = "gaussian", generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Add independent noise of the given ``variance`` to every entry of every tensor, as in
+    the DLG paper's defence experiments (variances 1e-4 to 1e-1).
+
+    ``distribution`` is ``"gaussian"`` (standard deviation ``sqrt(variance)``) or
+    ``"laplacian"`` (scale ``sqrt(variance / 2)``, the same variance). The variance is absolute:
+    compare it with the gradient's size through :func:`relative_change`.
+    Defined in :doc:`/book/05_defences`.
+    """
+    grads = _gradients(gradients)
+    variance = _check_number("variance", variance, fix="It is the noise variance per entry, e.g. 1e-3; use 0 for no noise.")
+    if distribution not in NOISE_DISTRIBUTIONS:
+        raise ValueError(f"distribution={distribution!r} is not known; choose one of {list(NOISE_DISTRIBUTIONS)}.")
+    out = []
+    for g in grads:
+        if variance == 0:
+            out.append(g.clone())
+            continue
+        if distribution == "gaussian":
+            noise = torch.randn(g.shape, generator=generator) * math.sqrt(variance)
+        else:
+            # Laplace(0, b) = b * (Exp(1) - Exp(1)), with b = sqrt(variance / 2)
+            e = torch.empty((2, *g.shape)).exponential_(generator=generator)
+            noise = (e[0] - e[1]) * math.sqrt(variance / 2)
+        out.append(g + noise.to(device=g.device, dtype=g.dtype))
+    return out
+
+
+def prune(gradients: Sequence[torch.Tensor], ratio: float, scope: str = "layer") -> list[torch.Tensor]:
+    """Gradient pruning: set the fraction ``ratio`` of entries with the smallest magnitude to zero
+    and share the rest unchanged (``ratio=0.7`` keeps the largest 30%).
+
+    ``scope="layer"`` ranks the entries of each parameter tensor separately (weights and biases
+    are separate tensors); ``scope="global"`` ranks all entries together. Ties at the threshold
+    are broken by position, so exactly ``round(ratio * n)`` entries are zeroed.
+    Defined in :doc:`/book/05_defences`.
+    """
+    grads = _gradients(gradients)
+    ratio = _check_number("ratio", ratio, 0.0, 1.0, fix="It is the fraction of entries set to zero (0.3 zeroes 30%).")
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"scope={scope!r} is not known; choose one of {list(PRUNE_SCOPES)}.")
+    if scope == "layer":
+        return [_prune_flat(g.reshape(-1), ratio).reshape(g.shape) for g in grads]
+    flat = _prune_flat(torch.cat([g.reshape(-1) for g in grads]), ratio)
+    return [part.reshape(g.shape) for part, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
+
+
+def _prune_flat(flat: torch.Tensor, ratio: float) -> torch.Tensor:
+    out = flat.clone()
+    k = int(round(ratio * flat.numel()))
+    if k > 0:
+        out[torch.argsort(flat.abs(), stable=True)[:k]] = 0
+    return out
+
+
+def quantise(gradients: Sequence[torch.Tensor], dtype: str) -> list[torch.Tensor]:
+    """Round-trip every tensor through a low-precision format, as a client that shares
+    compressed gradients would: ``"fp16"`` (half precision) or ``"int8"`` (symmetric, one scale
+    per tensor: ``max|g| / 127``). Returns tensors in the original dtype.
+    Defined in :doc:`/book/05_defences`.
+    """
+    grads = _gradients(gradients)
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be one of the strings {list(QUANTISE_DTYPES)}, got {type(dtype).__name__} {dtype!r}.")
+    if dtype not in QUANTISE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not known; choose one of {list(QUANTISE_DTYPES)}.")
+    out = []
+    for g in grads:
+        if dtype == "fp16":
+            out.append(g.to(torch.float16).to(g.dtype))
+            continue
+        scale = g.abs().max() / 127
+        if scale == 0:
+            out.append(g.clone())
+            continue
+        out.append((torch.round(g / scale).clamp(-127, 127) * scale).to(g.dtype))
+    return out
+
+
+def dp_sgd_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise_multiplier: float, max_grad_norm: float = 1.0,
+    expected_batch_size: int | None = None, generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """What a DP-SGD client shares for the batch ``(x, y)``, computed by Opacus: per-example
+    gradients (``GradSampleModule``), each clipped to norm ``max_grad_norm``, summed, plus
+    Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm``, divided by
+    ``expected_batch_size`` (default ``len(x)``). ``model`` itself is left untouched.
+    Defined in :doc:`/book/05_defences`.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    noise_multiplier = _check_number("noise_multiplier", noise_multiplier, fix="It is sigma in DP-SGD (noise std / clipping norm), typically 0.5 to 2.")
+    max_grad_norm = _check_number("max_grad_norm", max_grad_norm, fix="It is the per-example clipping norm C.")
+    if max_grad_norm == 0:
+        raise ValueError("max_grad_norm must be > 0: a clipping norm of 0 would share pure noise.")
+    expected = len(x) if expected_batch_size is None else expected_batch_size
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected <= 0:
+        raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}.")
+    private = GradSampleModule(copy.deepcopy(model))
+    optimizer = DPOptimizer(
+        torch.optim.SGD(private.parameters(), lr=0.0), noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, expected_batch_size=expected, generator=generator,
+    )
+    optimizer.zero_grad()
+    with warnings.catch_warnings():  # Opacus's hooks fire although the input needs no gradient
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        F.cross_entropy(private(x), y).backward()
+    optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
+    return [p.grad.detach().clone() for p in private.parameters() if p.requires_grad]
+
+
+def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float = 1e-5, accountant: str = "rdp") -> float:
+    """The privacy spent, epsilon at ``delta``, after ``steps`` DP-SGD steps with Poisson sampling
+    at ``sample_rate``, from Opacus's accountant (``"rdp"`` or ``"prv"``). ``inf`` without noise.
+    Defined in :doc:`/book/05_defences`.
+    """
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    noise_multiplier = _check_number("noise_multiplier", noise_multiplier)
+    sample_rate = _check_number("sample_rate", sample_rate, 0.0, 1.0, fix="It is batch size / dataset size.")
+    delta = _check_number("delta", delta, 0.0, 1.0, fix="Use a delta well below 1 / dataset size, e.g. 1e-5.")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"accountant={accountant!r} is not known; choose 'rdp' or 'prv'.")
+    if steps == 0 or sample_rate == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # tiny noise: the bound is loose, and epsilon is huge anyway
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def relative_change(defended: Sequence[torch.Tensor], original: Sequence[torch.Tensor]) -> float:
+    """``||defended - original|| / ||original||`` over all tensors together: how large a defence's
+    change (noise, pruned entries, rounding) is next to the gradient itself.
+    Defined in :doc:`/book/05_defences`."""
+    d, o = _gradients(defended, "defended"), _gradients(original, "original")
+    if len(d) != len(o) or any(a.shape != b.shape for a, b in zip(d, o)):
+        raise ValueError("defended and original must have the same number of tensors, with the same shapes.")
+    diff = math.sqrt(sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(d, o)))
+    norm = math.sqrt(sum(float((b.double() ** 2).sum()) for b in o))
+    return diff / norm if norm > 0 else math.inf
+
+
+class PruningAwareModel(nn.Module):
+    """An adaptive attacker's view of a pruned gradient: ``model`` reparametrised as
+    ``w = w0 + mask * delta`` with ``delta`` zero, so that its gradient with respect to ``delta``
+    is ``mask * dL/dw``. The mask (the entries that survived pruning, visible as the non-zero
+    entries of ``shared``) is applied to the dummy gradient too, and a gradient-matching attack on
+    this model compares only the entries the client actually sent. Pass it to
+    :func:`dlgkit.attacks.image.reconstruct` in place of ``model``.
+    Defined in :doc:`/book/05_defences`.
+    """
+
+    def __init__(self, model: nn.Module, shared: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        shared = check_gradients(model, list(shared), name="shared")
+        object.__setattr__(self, "inner", model)  # not a submodule: its weights are not attacked
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.base = {name: p.detach() for name, p in model.named_parameters()}
+        self.masks = [(s != 0).to(s.dtype) for s in shared]
+        self.deltas = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in model.parameters() if p.requires_grad])
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        params = dict(self.base)
+        params.update({n: self.base[n] + m * d for n, m, d in zip(self.names, self.masks, self.deltas)})
+        return functional_call(self.inner, params, (x,))
+
+
+@dataclass(frozen=True)
+class Defence:
+    """A defence a client applies to what it shares. ``kind`` is one of :data:`DEFENCE_KINDS`;
+    ``strength`` is the noise variance, the pruning ratio, the number of local steps or the
+    DP-SGD noise multiplier (ignored for ``none``, ``fp16`` and ``int8``).
+
+    Call it on a gradient list to transform it (transform kinds only), or use :meth:`share` to
+    get what the client sends for a batch. Defined in :doc:`/book/05_defences`.
+    """
+
+    kind: str = "none"
+    strength: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEFENCE_KINDS:
+            raise ValueError(f"kind={self.kind!r} is not known; choose one of {list(DEFENCE_KINDS)}.")
+        if self.kind in ("gaussian", "laplacian"):
+            _check_number("strength (the noise variance)", self.strength, fix="Use e.g. 1e-3.")
+        elif self.kind in ("prune", "prune_global"):
+            _check_number("strength (the pruning ratio)", self.strength, 0.0, 1.0, fix="It is the fraction of entries set to zero.")
+        elif self.kind == "local_steps":
+            if isinstance(self.strength, bool) or not float(self.strength).is_integer() or self.strength < 1:
+                raise ValueError(f"strength (the number of local steps) must be a positive whole number, got {self.strength!r}.")
+        elif self.kind == "dp_sgd":
+            _check_number("strength (the noise multiplier)", self.strength, fix="Use e.g. 1.0.")
+            _check_number("max_grad_norm", self.max_grad_norm)
+            if self.max_grad_norm == 0:
+                raise ValueError("max_grad_norm must be > 0.")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots, e.g. ``gaussian 1e-03``."""
+        if self.kind in ("none", "fp16", "int8"):
+            return self.kind
+        if self.kind in ("prune", "prune_global"):
+            return f"{self.kind} {self.strength:.0%}"
+        if self.kind == "local_steps":
+            return f"{int(self.strength)} local steps"
+        if self.kind == "dp_sgd":
+            return f"dp_sgd sigma={self.strength:g}"
+        return f"{self.kind} {self.strength:.0e}"
+
+    @property
+    def is_transform(self) -> bool:
+        """True for the defences that transform a finished gradient (all but local steps and DP-SGD)."""
+        return self.kind not in ("local_steps", "dp_sgd")
+
+    def __call__(self, gradients: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Transform a gradient list (not for ``local_steps`` and ``dp_sgd``, which need the data:
+        use :meth:`share`)."""
+        if not self.is_transform:
+            raise TypeError(f"a {self.kind!r} defence changes how the gradient is computed; call .share(model, x, y) instead.")
+        if self.kind in ("gaussian", "laplacian"):
+            return add_noise(gradients, self.strength, self.kind, generator=generator)
+        if self.kind in ("prune", "prune_global"):
+            return prune(gradients, self.strength, scope="layer" if self.kind == "prune" else "global")
+        if self.kind in QUANTISE_DTYPES:
+            return quantise(gradients, self.kind)
+        return [g.detach().clone() for g in _gradients(gradients)]
+
+    def share(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+              lr: float = 0.1, expected_batch_size: int | None = None) -> list[torch.Tensor]:
+        """What the defended client sends for the batch ``(x, y)``, as a gradient-shaped list.
+
+        For ``local_steps`` the client runs that many SGD steps (rate ``lr``) on the batch and
+        sends its weight change; the list returned is the gradient the server can infer from
+        it, ``-update / (lr * steps)`` (the server knows both). For ``dp_sgd`` see
+        :func:`dp_sgd_gradient` (``expected_batch_size`` goes there).
+        """
+        if self.kind == "dp_sgd":
+            return dp_sgd_gradient(model, x, y, self.strength, self.max_grad_norm, expected_batch_size=expected_batch_size, generator=generator)
+        if self.kind == "local_steps":
+            steps = int(self.strength)
+            update = client_update(model, x, y, lr=lr, local_steps=steps)
+            return [-u / (lr * steps) for u in update.tensors]
+        return self(client_gradient(model, x, y), generator=generator)
+
+
+def attack_defended(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, defence: Defence, seed: int = 0, distance: str | None = None,
+    adaptive: bool = False, **attack: object
+) -> dict:
+    """Share ``(x, y)`` through ``defence`` on ``model``, attack what was shared with
+    :func:`dlgkit.attacks.image.reconstruct` (labels known to the attacker, one run, unless
+    ``attack`` says otherwise), and report: ``psnr``, ``ssim``, ``relative_change`` (the size of
+    the defence's change next to the signal: the gradient, or for DP-SGD the clipped gradient),
+    ``iterations``, ``wall_time`` and the ``reconstruction``.
+
+    ``distance`` defaults to ``"l2"``, and to ``"cosine"`` for DP-SGD, whose clipping rescales
+    the gradient (an L2 attacker would fail on the scale alone). ``adaptive=True`` attacks a
+    pruned gradient through :class:`PruningAwareModel` (only the shared entries are matched).
+    Defined in :doc:`/book/05_defences`.
+    """
+    from dlgkit.attacks.image import reconstruct
+
+    if not isinstance(defence, Defence):
+        raise TypeError(f"defence must be a dlgkit.defenses.Defence, got {type(defence).__name__}.")
+    if adaptive and defence.kind not in ("prune", "prune_global"):
+        raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
+    generator = torch.Generator().manual_seed(seed)
+    if defence.kind == "dp_sgd":
+        clean = Defence("dp_sgd", 0.0, defence.max_grad_norm).share(model, x, y)
+    else:
+        clean = client_gradient(model, x, y)
+    shared = defence.share(model, x, y, generator=generator)
+    if distance is None:
+        distance = "cosine" if defence.kind == "dp_sgd" else "l2"
+    options = dict(labels=y, restarts=1, history_every=None, progress=False, seed=seed, distance=distance)
+    options.update(attack)
+    target_model = PruningAwareModel(model, shared) if adaptive else model
+    result = reconstruct(target_model, shared, tuple(x.shape), **options)
+    report = result.report(x, y)
+    return {
+        "psnr": report["psnr"],
+        "ssim": report["ssim"],
+        "relative_change": relative_change(shared, clean),
+        "iterations": result.iterations,
+        "wall_time": result.wall_time,
+        "reconstruction": result.reconstruction.detach().clamp(0, 1),
+    }
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_with_defence` measured: test ``accuracy`` after ``steps`` server steps,
+    the privacy spent (``epsilon`` at ``delta``, DP-SGD only; None otherwise) and the loss curve."""
+
+    accuracy: float
+    steps: int
+    epsilon: float | None = None
+    delta: float | None = None
+    losses: list[float] = field(default_factory=list)
+    model: nn.Module | None = None
+
+
+def _digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, ...]:
+    from dlgkit.data import digits
+
+    x, y = digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def train_with_defence(
+    defence: Defence, steps: int = 300, batch_size: int = 32, lr: float = 1.0, seed: int = 0, delta: float = 1e-5,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train the paper's LeNet (1 channel, 10 classes, 8x8) on scikit-learn's digits with FedSGD
+    for ``steps`` server steps: each step a client draws a batch, shares it through
+    ``defence`` (:meth:`Defence.share`, the very gradient an attacker would see) and the server
+    steps ``w -= lr * shared`` (for ``local_steps``, ``w += update``). Returns the test accuracy
+    on a held-out 20% of the digits (``data`` may give ``(x_train, y_train, x_test, y_test)``).
+
+    DP-SGD samples each batch by Poisson sampling at rate ``batch_size / n`` (as its privacy
+    analysis assumes) and reports epsilon at ``delta`` from Opacus's RDP accountant.
+    Defined in :doc:`/book/05_defences`.
+    """
+    from dlgkit.models import LeNet
+
+    if not isinstance(defence, Defence):
+        raise TypeError(f"defence must be a dlgkit.defenses.Defence, got {type(defence).__name__}.")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    _check_number("lr", lr)
+    x_train, y_train, x_test, y_test = data if data is not None else _digits_split()
+    n = len(x_train)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
+    model = LeNet(channels=x_train.shape[1], num_classes=10, image_size=x_train.shape[-1], seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    sample_rate = batch_size / n
+    scale = lr * (defence.strength if defence.kind == "local_steps" else 1.0)
+    losses = []
+    for _ in range(steps):
+        if defence.kind == "dp_sgd":
+            idx = torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten()
+            if idx.numel() == 0:  # probability (1 - q)^n; Opacus would share pure noise here
+                idx = torch.randint(n, (1,), generator=generator)
+        else:
+            idx = torch.randperm(n, generator=generator)[:batch_size]
+        xb, yb = x_train[idx], y_train[idx]
+        shared = defence.share(model, xb, yb, generator=generator, lr=lr, expected_batch_size=batch_size)
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), shared):
+                p.add_(g, alpha=-scale)
+            losses.append(float(F.cross_entropy(model(xb), yb)))
+    with torch.no_grad():
+        accuracy = float((model(x_test).argmax(dim=1) == y_test).float().mean())
+    epsilon = dp_epsilon(defence.strength, sample_rate, steps, delta) if defence.kind == "dp_sgd" else None
+    return TrainResult(accuracy=accuracy, steps=steps, epsilon=epsilon, delta=delta if epsilon is not None else None, losses=losses, model=model)
+
+
+def privacy_accuracy_sweep(
+    defences: Sequence[Defence], images: torch.Tensor, labels: torch.Tensor, iterations: int = 60, train_steps: int = 300,
+    adaptive: bool = True, num_classes: int = 100, progress: bool | None = None,
+) -> list[dict]:
+    """Both sides of the trade-off for every defence: the attack on each image of ``images``
+    (one at a time, each through its own fresh paper LeNet with ``num_classes`` classes, seeded
+    by the image's index; :func:`attack_defended` with at most ``iterations`` L-BFGS steps) and
+    the test accuracy of :func:`train_with_defence` after ``train_steps`` steps.
+
+    Returns one dict per defence: ``defence``, ``kind``, ``strength``, mean ``psnr`` and
+    ``ssim``, ``relative_change``, ``accuracy``, ``epsilon`` (DP-SGD), the ``reconstructions``
+    (N, C, H, W), wall times, and for pruning with ``adaptive=True`` also ``adaptive_psnr``.
+    Defined in :doc:`/book/05_defences`.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from dlgkit.budget import progress_enabled
+    from dlgkit.models import LeNet
+
+    if images.dim() != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {len(labels)} labels.")
+    rows = []
+    for defence in tqdm(list(defences), desc="defences", disable=not progress_enabled(progress), leave=False):
+        start = time.perf_counter()
+        runs, adaptive_runs = [], []
+        for i in range(len(images)):
+            model = LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i)
+            x, y = images[i : i + 1], labels[i : i + 1]
+            runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations))
+            if adaptive and defence.kind in ("prune", "prune_global"):
+                adaptive_runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations, adaptive=True))
+        attack_time = time.perf_counter() - start
+        trained = train_with_defence(defence, steps=train_steps)
+        row = {
+            "defence": defence.label,
+            "kind": defence.kind,
+            "strength": defence.strength,
+            "psnr": sum(r["psnr"] for r in runs) / len(runs),
+            "ssim": sum(r["ssim"] for r in runs) / len(runs),
+            "relative_change": sum(r["relative_change"] for r in runs) / len(runs),
+            "accuracy": trained.accuracy,
+            "epsilon": trained.epsilon,
+            "reconstructions": torch.cat([r["reconstruction"] for r in runs]),
+            "attack_time": attack_time,
+            "train_time": time.perf_counter() - start - attack_time,
+        }
+        if adaptive_runs:
+            row["adaptive_psnr"] = sum(r["psnr"] for r in adaptive_runs) / len(adaptive_runs)
+            row["adaptive_reconstructions"] = torch.cat([r["reconstruction"] for r in adaptive_runs])
+        rows.append(row)
+    return rows
