@@ -177,6 +177,18 @@ def _visible_frame(widget) -> dict:
     return {"caption": caption.inner_text(), "content": body.inner_text(), "png": body.screenshot()}
 
 
+def _wait_for_caption(page, widget, old: str, changed: bool) -> None:
+    """Wait (10 s at most) until the scrubber's visible caption differs from ``old`` (or, with
+    ``changed=False``, is ``old`` again): the browser-side links have moved the frame."""
+    op = "!==" if changed else "==="
+    page.wait_for_function(
+        "([el, old]) => { const c = [...el.querySelectorAll('.widget-html')].find(e => e.offsetParent);"
+        f" return c && c.innerText.trim() {op} old; }}",
+        arg=[widget.element_handle(), old.strip()],
+        timeout=10_000,
+    )
+
+
 @pytest.mark.parametrize("name", WIDGET_CHAPTERS)
 def test_scrubber_renders_and_its_slider_changes_the_image(visit, name):
     v = visit(name)
@@ -199,32 +211,17 @@ def test_scrubber_renders_and_its_slider_changes_the_image(visit, name):
         handle.focus()
         page.keyboard.press("End")
         # jslink moves the Stack to the last snapshot, in the browser, with no kernel
-        page.wait_for_function(
-            "([el, old]) => { const c = [...el.querySelectorAll('.widget-html')].find(e => e.offsetParent);"
-            " return c && c.innerText.trim() !== old; }",
-            arg=[widget.element_handle(), before["caption"].strip()],
-            timeout=10_000,
-        )
+        _wait_for_caption(page, widget, before["caption"], changed=True)
         after = _visible_frame(widget)
         assert after["caption"] != before["caption"], f"{name}: the caption did not follow the slider"
         assert after["content"] != before["content"], f"{name}: the slider did not change the shown image or text"
         assert after["png"] != before["png"], f"{name}: the displayed frame did not change"
         widget.screenshot(path=str(_shot_name(name).with_suffix(f".scrubber{k}.png")))  # the last snapshot
         page.keyboard.press("Home")
-        page.wait_for_function(
-            "([el, old]) => { const c = [...el.querySelectorAll('.widget-html')].find(e => e.offsetParent);"
-            " return c && c.innerText.trim() === old; }",
-            arg=[widget.element_handle(), before["caption"].strip()],
-            timeout=10_000,
-        )
+        _wait_for_caption(page, widget, before["caption"], changed=False)
         # the Play button steps through the snapshots by itself (and can be stopped)
         widget.locator(".widget-play button").nth(0).click()
-        page.wait_for_function(
-            "([el, old]) => { const c = [...el.querySelectorAll('.widget-html')].find(e => e.offsetParent);"
-            " return c && c.innerText.trim() !== old; }",
-            arg=[widget.element_handle(), before["caption"].strip()],
-            timeout=10_000,
-        )
+        _wait_for_caption(page, widget, before["caption"], changed=True)
         widget.locator(".widget-play button").nth(1).click()
     v.check_clean(name)
 
