@@ -216,3 +216,19 @@ def test_exercise_checks_accept_references_and_reject_wrong_answers(capsys):
     assert not exercises.check_span_test(full_space)
     assert not exercises.check_span_test(lambda g, c, r: (_ for _ in ()).throw(NotImplementedError))
     assert "not implemented" in capsys.readouterr().out
+
+
+def test_span_method_under_defences_with_a_given_rank(pretrained):
+    from dlgkit import defenses
+
+    ids = pretrained.encode(SHORT)["input_ids"][0]
+    grads = text.text_gradient(pretrained, SHORT, 0)
+    names, values = list(grads), list(grads.values())
+    half = dict(zip(names, defenses.quantise(values, "fp16")))
+    assert ta.span_recover(half, pretrained).ids.tolist() == ids.tolist()
+    noisy = dict(zip(names, defenses.add_noise(values, 1e-12, generator=torch.Generator().manual_seed(0))))
+    assert len(ta.bag_of_words(noisy, pretrained)) == pretrained.model.config.vocab_size, "noise should fill every row"
+    span = ta.span_recover(noisy, pretrained, candidates=torch.tensor(sorted(set(ids.tolist()))), length=len(ids), rank=len(ids))
+    assert span.rank == len(ids) and metrics.token_accuracy(span.ids, ids) >= 0.9
+    loud = dict(zip(names, defenses.add_noise(values, 1e-6, generator=torch.Generator().manual_seed(0))))
+    assert metrics.token_accuracy(ta.span_recover(loud, pretrained, candidates="vocab", length=len(ids), rank=len(ids)).ids, ids) < 0.5

@@ -149,13 +149,15 @@ class SpanResult:
 
 
 @torch.no_grad()
-def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torch.Tensor | str = "bag", length: int | None = None, threshold: float = 1e-6) -> SpanResult:
+def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torch.Tensor | str = "bag", length: int | None = None, threshold: float = 1e-6, rank: int | None = None) -> SpanResult:
     """Exact recovery from the span of the first attention layer's weight gradient.
 
     ``candidates`` are token ids to test (``"bag"``: the bag of words; ``"vocab"``: the whole
     vocabulary, a few seconds on a CPU). Every (candidate, position) pair is scored by its
     relative residual off the span; pairs under ``threshold`` are in the input. For one
-    sentence, ``ids`` is the sentence. Defined in :doc:`/book/04_text_dlg`.
+    sentence, ``ids`` is the sentence. ``rank`` fixes the dimension of the span (by default it
+    is read off the singular values; give it when noise hides the gap, as in chapter 5).
+    Defined in :doc:`/book/04_text_dlg`.
     """
     start = time.perf_counter()
     bag = bag_of_words(grads, tm)
@@ -170,18 +172,18 @@ def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torc
     g = _first_layer_gradient(grads, tm)
     device = next(tm.model.parameters()).device
     cand = candidates.to(device)
-    columns, rank = [], 0
+    columns, used = [], 0
     for p in range(length):
         x = _layer0_inputs(tm, cand, torch.full_like(cand, p))
-        r, rank = span_residuals(g, x)
+        r, used = span_residuals(g, x, rank=rank)
         columns.append(r.cpu())
     residuals = torch.stack(columns, dim=1)
-    if rank >= g.shape[1]:
+    if rank is None and used >= g.shape[1]:
         raise ValueError(f"the span has full dimension {rank}: the batch holds at least as many (token, position) pairs as the hidden size {g.shape[1]}, so every candidate lies in it. Attack smaller batches.")
     best = residuals.argmin(dim=0)
     found = [(int(p), int(candidates[i]), float(residuals[i, p])) for i, p in (residuals < threshold).nonzero().tolist()]
     found.sort()
-    return SpanResult(ids=candidates[best], found=found, residuals=residuals, candidates=candidates, rank=rank, threshold=threshold, seconds=time.perf_counter() - start)
+    return SpanResult(ids=candidates[best], found=found, residuals=residuals, candidates=candidates, rank=used, threshold=threshold, seconds=time.perf_counter() - start)
 
 
 @dataclass
