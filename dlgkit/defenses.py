@@ -8,7 +8,8 @@ noise, through Opacus, with the privacy spent from Opacus's accountant).
 
 The same :meth:`Defence.share` produces what the attacker sees (:func:`attack_defended`) and
 what the server trains on (:func:`train_with_defence`), so both sides of the trade-off are
-measured on the same defended gradients.
+measured with the same defence (on different models and data: faces for the attack, digits for
+training).
 
 Defined in :doc:`/book/05_defences`.
 """

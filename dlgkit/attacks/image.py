@@ -137,7 +137,8 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
-def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object, batch: int, num_classes: int, shape: tuple[int, ...]) -> tuple[str, torch.Tensor | None]:
+def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object, num_classes: int, shape: tuple[int, ...]) -> tuple[str, torch.Tensor | None]:
+    batch = shape[0]
     if isinstance(labels, str):
         _check_choice("labels", labels, LABEL_MODES)
         if labels == "idlg":
@@ -240,7 +241,7 @@ def reconstruct(
         num_classes = int(getattr(model, "num_classes", 0)) or None
     if num_classes is None:
         raise ValueError("num_classes is needed: the model has no num_classes attribute.")
-    mode, known = _resolve_labels(model, target, labels, shape[0], num_classes, shape)
+    mode, known = _resolve_labels(model, target, labels, num_classes, shape)
     target = [t.to(device) for t in target]
     lr = lr if lr is not None else (1.0 if optimizer == "lbfgs" else 0.1)
     if tol is not None and tol_relative and distance == "l2":

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from dlgkit.budget import progress_enabled
 from dlgkit.text import TextModel, check_double_backward
 
-__all__ = ["BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "history_table"]
+__all__ = ["BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
 
 
 def _param_name(tm: TextModel, param: torch.nn.Parameter) -> str:
@@ -109,6 +109,15 @@ def _first_layer_gradient(grads: dict[str, torch.Tensor], tm: TextModel) -> torc
     return torch.cat(blocks, dim=0).double()
 
 
+def _span_basis(gradient: torch.Tensor, rank: int | None = None, rel_tol: float = 1e-5) -> torch.Tensor:
+    """Orthonormal basis (d, rank) of the row space of ``gradient``: its top right singular
+    vectors, ``rank`` of them or those above ``rel_tol`` times the largest singular value."""
+    _, s, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+    if rank is None:
+        rank = int((s > rel_tol * s[0]).sum())
+    return vh[:rank].T
+
+
 def span_residuals(gradient: torch.Tensor, x: torch.Tensor, rank: int | None = None, rel_tol: float = 1e-5) -> tuple[torch.Tensor, int]:
     """Relative distance of each row of ``x`` (n, d) from the row space of ``gradient`` (m, d).
 
@@ -117,10 +126,8 @@ def span_residuals(gradient: torch.Tensor, x: torch.Tensor, rank: int | None = N
     """
     if gradient.dim() != 2 or x.dim() != 2 or gradient.shape[1] != x.shape[1]:
         raise ValueError(f"gradient (m, d) and candidates (n, d) must share d; got {tuple(gradient.shape)} and {tuple(x.shape)}.")
-    _, s, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
-    if rank is None:
-        rank = int((s > rel_tol * s[0]).sum())
-    basis = vh[:rank].T
+    basis = _span_basis(gradient, rank, rel_tol)
+    rank = basis.shape[1]
     xd = x.double()
     residual = xd - (xd @ basis) @ basis.T
     return (residual.norm(dim=1) / xd.norm(dim=1).clamp_min(1e-30)).float(), rank
@@ -287,9 +294,7 @@ def reconstruct_text(
     types = torch.zeros(1, length, dtype=torch.long, device=device)
     span_basis = None
     if span_weight > 0:
-        g0 = _first_layer_gradient(grads, tm)
-        _, s, vh = torch.linalg.svd(g0, full_matrices=False)
-        span_basis = vh[: int((s > 1e-5 * s[0]).sum())].T.float().to(device)
+        span_basis = _span_basis(_first_layer_gradient(grads, tm)).float().to(device)
 
     def embeds() -> torch.Tensor:
         core = z if parametrization == "embedding" else torch.softmax(z, dim=-1) @ word[inner]
@@ -363,30 +368,39 @@ def decode_embeddings(tm: TextModel, embeddings: torch.Tensor, how: str = "cosin
     return ids[best].cpu()
 
 
+def mark_tokens(ids: torch.Tensor | Sequence[int], truth: torch.Tensor | Sequence[int], tm: TextModel, fmt: str = "html") -> str:
+    """The decoded tokens of ``ids`` (special tokens left out), each wrong one (not the true
+    token at its position) marked: bold red and underlined in ``"html"``, ``**`` in ``"text"``.
+    Defined in :doc:`/book/04_text_dlg`."""
+    if fmt not in ("html", "text"):
+        raise ValueError(f"fmt={fmt!r} is not known; choose 'html' or 'text'.")
+    truth = [int(t) for t in truth]
+    specials = set(tm.special_ids.values())
+    words = []
+    for p, t in enumerate(int(i) for i in ids):
+        if t in specials:
+            continue
+        token = tm.tokens([t])[0]
+        right = p < len(truth) and truth[p] == t
+        if fmt == "html":
+            token = html.escape(token)
+            words.append(token if right else f'<b style="color:#c00"><u>{token}</u></b>')
+        else:
+            words.append(token if right else f"**{token}**")
+    return " ".join(words)
+
+
 def history_table(result: TextAttackResult, truth: torch.Tensor | Sequence[int], tm: TextModel, every: int | None = None, fmt: str = "html") -> str:
     """The paper's iteration table: the decoded text at each recorded step with the wrong
     tokens marked (bold red in HTML, ``**`` in text), then the ground truth.
     ``every`` keeps only iterations that are multiples of it."""
     if fmt not in ("html", "text"):
         raise ValueError(f"fmt={fmt!r} is not known; choose 'html' or 'text'.")
-    truth = [int(t) for t in truth]
-    specials = set(tm.special_ids.values())
     rows = []
     for it, ids in zip(result.iters, result.history):
         if every is not None and it % every and it != result.iters[-1]:
             continue
-        words = []
-        for p, t in enumerate(ids.tolist()):
-            if t in specials:
-                continue
-            token = tm.tokens([t])[0]
-            right = p < len(truth) and truth[p] == t
-            if fmt == "html":
-                token = html.escape(token)
-                words.append(token if right else f'<b style="color:#c00"><u>{token}</u></b>')
-            else:
-                words.append(token if right else f"**{token}**")
-        rows.append((f"iter={it}", " ".join(words)))
+        rows.append((f"iter={it}", mark_tokens(ids, truth, tm, fmt)))
     rows.append(("ground truth", tm.decode(truth)))
     if fmt == "text":
         return "\n".join(f"[{a}] {b}" for a, b in rows)
