@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dlgkit-installed
 BOOK_FLAGS := -W -n --keep-going
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 -p no:randomly
 
-.PHONY: all install js book book-quick test test-unit test-notebooks test-exercises test-html test-gpu exercises benchmark benchmark-text benchmark-defences clean
+.PHONY: all install js book book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
 
 all: book
 
@@ -79,6 +79,18 @@ test-gpu: export DLGKIT_PROGRESS = 0
 test-gpu: $(STAMP)
 	mkdir -p _build
 	set -o pipefail; $(BIN)/python scripts/run_notebooks.py --out _build/executed book solutions | tee _build/gpu-timings.txt
+
+## test-device: every notebook (quick budget) on the simulated GPU of scripts/simulated_cuda.py,
+## which fails wherever a chapter would mix CPU and CUDA tensors; for machines without a GPU.
+## A chapter also fails if less than 80% of its tensor operations ran on the GPU. The exercise
+## checks build their own small models on the CPU, so the solutions are only checked for mix-ups.
+test-device: export DLGKIT_QUICK = 1
+test-device: export DLGKIT_PROGRESS = 0
+test-device: export DLGKIT_DEVICE = cuda
+test-device: $(STAMP)
+	mkdir -p _build
+	set -o pipefail; $(BIN)/python scripts/run_notebooks.py --simulate-cuda --min-cuda-share 0.8 --out _build/simulated-cuda book | tee _build/simulated-cuda-timings.txt
+	set -o pipefail; $(BIN)/python scripts/run_notebooks.py --simulate-cuda --out _build/simulated-cuda solutions | tee -a _build/simulated-cuda-timings.txt
 
 ## exercises: regenerate exercises/ from solutions/
 exercises: $(STAMP)

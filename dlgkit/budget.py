@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["is_quick", "budget", "seed_everything", "default_device", "progress_enabled"]
+__all__ = ["is_quick", "budget", "seed_everything", "default_device", "device_of", "resolve_device", "progress_enabled"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -51,9 +51,18 @@ def budget(full: int, quick: int) -> int:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a seeded ``torch.Generator``."""
+    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a seeded ``torch.Generator``.
+
+    On a GPU it also asks for full float32 precision and deterministic kernels: cuDNN and
+    matrix products may otherwise use TF32 (10-bit mantissas), and gradient matching, which
+    drives a gradient distance towards 1e-10, needs every bit of float32.
+    """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -61,7 +70,12 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def default_device() -> torch.device:
-    """CUDA when available (and not disabled with ``DLGKIT_DEVICE=cpu``), else CPU."""
+    """CUDA when available (and not disabled with ``DLGKIT_DEVICE=cpu``), else CPU.
+
+    Every chapter puts its models and data here (``DEVICE = budget.default_device()``), so the
+    same notebook runs on a laptop CPU and on a GPU. ``DLGKIT_DEVICE=cuda`` makes a missing GPU
+    an error instead of a silent fall-back (the GPU workflow sets it).
+    """
     wanted = os.environ.get("DLGKIT_DEVICE", "").strip().lower()
     if wanted:
         if wanted not in {"cpu", "cuda"}:
@@ -70,6 +84,28 @@ def default_device() -> torch.device:
             raise RuntimeError("DLGKIT_DEVICE=cuda but PyTorch sees no CUDA device.")
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a :class:`torch.device`; ``None`` means :func:`default_device`.
+    Asking for CUDA on a machine without it is a clear error, not a crash later on."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device PyTorch knows; use 'cpu' or 'cuda'.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but PyTorch sees no CUDA device; use 'cpu' (or device=None for the best available).")
+    return resolved
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (CPU for a model without any). dlgkit's functions
+    that take a model compute there and move the tensors they are given to it."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def progress_enabled(progress: bool | None = None) -> bool:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlgkit.budget import device_of, resolve_device
 from dlgkit.federated import check_gradients, client_gradient, client_update
 
 __all__ = [
@@ -91,10 +92,13 @@ def add_noise(
 
     ``distribution`` is ``"gaussian"`` (standard deviation ``sqrt(variance)``) or
     ``"laplacian"`` (scale ``sqrt(variance / 2)``, the same variance). The variance is absolute:
-    compare it with the gradient's size through :func:`relative_change`.
+    compare it with the gradient's size through :func:`relative_change`. The noise is drawn
+    where ``generator`` lives (the CPU by default) and moved to each tensor's device, so a CPU
+    and a GPU run with the same seed add the same noise.
     Defined in :doc:`/book/05_defences`.
     """
     grads = _gradients(gradients)
+    where = generator.device if generator is not None else None
     variance = _check_number("variance", variance, fix="It is the noise variance per entry, e.g. 1e-3; use 0 for no noise.")
     if distribution not in NOISE_DISTRIBUTIONS:
         raise ValueError(f"distribution={distribution!r} is not known; choose one of {list(NOISE_DISTRIBUTIONS)}.")
@@ -104,10 +108,10 @@ def add_noise(
             out.append(g.clone())
             continue
         if distribution == "gaussian":
-            noise = torch.randn(g.shape, generator=generator) * math.sqrt(variance)
+            noise = torch.randn(g.shape, generator=generator, device=where) * math.sqrt(variance)
         else:
             # Laplace(0, b) = b * (Exp(1) - Exp(1)), with b = sqrt(variance / 2)
-            e = torch.empty((2, *g.shape)).exponential_(generator=generator)
+            e = torch.empty((2, *g.shape), device=where).exponential_(generator=generator)
             noise = (e[0] - e[1]) * math.sqrt(variance / 2)
         out.append(g + noise.to(device=g.device, dtype=g.dtype))
     return out
@@ -184,10 +188,12 @@ def dp_sgd_gradient(
     expected = len(x) if expected_batch_size is None else expected_batch_size
     if not isinstance(expected, int) or isinstance(expected, bool) or expected <= 0:
         raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}.")
+    device = device_of(model)
+    x, y = x.to(device), y.to(device)
     private = GradSampleModule(copy.deepcopy(model))
     optimizer = DPOptimizer(
         torch.optim.SGD(private.parameters(), lr=0.0), noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, expected_batch_size=expected, generator=generator,
+        max_grad_norm=max_grad_norm, expected_batch_size=expected, generator=_generator_on(device, generator),
     )
     optimizer.zero_grad()
     with warnings.catch_warnings():  # Opacus's hooks fire although the input needs no gradient
@@ -195,6 +201,15 @@ def dp_sgd_gradient(
         F.cross_entropy(private(x), y).backward()
     optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
     return [p.grad.detach().clone() for p in private.parameters() if p.requires_grad]
+
+
+def _generator_on(device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator Opacus can use on ``device`` (it draws its noise there): ``generator`` itself
+    when it lives there, otherwise a new one on ``device`` seeded from ``generator``."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float = 1e-5, accountant: str = "rdp") -> float:
@@ -381,7 +396,7 @@ def attack_defended(
         "relative_change": relative_change(shared, clean),
         "iterations": result.iterations,
         "wall_time": result.wall_time,
-        "reconstruction": result.reconstruction.detach().clamp(0, 1),
+        "reconstruction": result.reconstruction.detach().clamp(0, 1).cpu(),
     }
 
 
@@ -410,7 +425,7 @@ def _digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tens
 
 def train_with_defence(
     defence: Defence, steps: int = 300, batch_size: int = 32, lr: float = 1.0, seed: int = 0, delta: float = 1e-5,
-    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train the paper's LeNet (1 channel, 10 classes, 8x8) on scikit-learn's digits with FedSGD
     for ``steps`` server steps: each step a client draws a batch, shares it through
@@ -419,7 +434,9 @@ def train_with_defence(
     on a held-out 20% of the digits (``data`` may give ``(x_train, y_train, x_test, y_test)``).
 
     DP-SGD samples each batch by Poisson sampling at rate ``batch_size / n`` (as its privacy
-    analysis assumes) and reports epsilon at ``delta`` from Opacus's RDP accountant.
+    analysis assumes) and reports epsilon at ``delta`` from Opacus's RDP accountant. The model
+    and data live on ``device`` (default :func:`dlgkit.budget.default_device`); the batches are
+    drawn on the CPU, so the same seed picks the same batches everywhere.
     Defined in :doc:`/book/05_defences`.
     """
     from dlgkit.models import LeNet
@@ -430,11 +447,12 @@ def train_with_defence(
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     _check_number("lr", lr)
-    x_train, y_train, x_test, y_test = data if data is not None else _digits_split()
+    device = resolve_device(device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (data if data is not None else _digits_split()))
     n = len(x_train)
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
-    model = LeNet(channels=x_train.shape[1], num_classes=10, image_size=x_train.shape[-1], seed=seed)
+    model = LeNet(channels=x_train.shape[1], num_classes=10, image_size=x_train.shape[-1], seed=seed).to(device)
     generator = torch.Generator().manual_seed(seed)
     sample_rate = batch_size / n
     scale = lr * (defence.strength if defence.kind == "local_steps" else 1.0)
@@ -460,7 +478,7 @@ def train_with_defence(
 
 def privacy_accuracy_sweep(
     defences: Sequence[Defence], images: torch.Tensor, labels: torch.Tensor, iterations: int = 60, train_steps: int = 300,
-    adaptive: bool = True, num_classes: int = 100, progress: bool | None = None,
+    adaptive: bool = True, num_classes: int = 100, progress: bool | None = None, device: str | torch.device | None = None,
 ) -> list[dict]:
     """Both sides of the trade-off for every defence: the attack on each image of ``images``
     (one at a time, each through its own fresh paper LeNet with ``num_classes`` classes, seeded
@@ -469,8 +487,9 @@ def privacy_accuracy_sweep(
 
     Returns one dict per defence: ``defence``, ``kind``, ``strength``, mean ``psnr`` and
     ``ssim``, ``relative_change``, ``accuracy``, ``epsilon`` (DP-SGD), the ``reconstructions``
-    (N, C, H, W), wall times, and for pruning with ``adaptive=True`` also ``adaptive_psnr``.
-    Defined in :doc:`/book/05_defences`.
+    (N, C, H, W, on the CPU), wall times, and for pruning with ``adaptive=True`` also
+    ``adaptive_psnr``. Models and data go to ``device`` (default
+    :func:`dlgkit.budget.default_device`). Defined in :doc:`/book/05_defences`.
     """
     import time
 
@@ -481,18 +500,20 @@ def privacy_accuracy_sweep(
 
     if images.dim() != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {len(labels)} labels.")
+    device = resolve_device(device)
+    images, labels = images.to(device), labels.to(device)
     rows = []
     for defence in tqdm(list(defences), desc="defences", disable=not progress_enabled(progress), leave=False):
         start = time.perf_counter()
         runs, adaptive_runs = [], []
         for i in range(len(images)):
-            model = LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i)
+            model = LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i).to(device)
             x, y = images[i : i + 1], labels[i : i + 1]
             runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations))
             if adaptive and defence.kind in ("prune", "prune_global"):
                 adaptive_runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations, adaptive=True))
         attack_time = time.perf_counter() - start
-        trained = train_with_defence(defence, steps=train_steps)
+        trained = train_with_defence(defence, steps=train_steps, device=device)
         row = {
             "defence": defence.label,
             "kind": defence.kind,

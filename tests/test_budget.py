@@ -52,3 +52,11 @@ def test_device(monkeypatch):
     monkeypatch.setenv("DLGKIT_DEVICE", "tpu")
     with pytest.raises(ValueError, match="DLGKIT_DEVICE"):
         budget.default_device()
+
+
+def test_seed_everything_asks_for_full_precision_on_gpus():
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    budget.seed_everything(0)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
