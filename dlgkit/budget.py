@@ -5,7 +5,7 @@ One environment variable, ``DLGKIT_QUICK``, switches the whole course between th
 budget that CPU continuous integration runs. Chapters ask :func:`budget` for their
 iteration counts so the same notebook serves both.
 
-Defined in :doc:`/book/02_single_image_dlg` (first use).
+Defined in :doc:`/book/01_gradient_sharing` (first use).
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ class Defence:
 
 def attack_defended(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, defence: Defence, seed: int = 0, distance: str | None = None,
-    adaptive: bool = False, **attack: object
+    adaptive: bool = False, lr: float = 1.0, **attack: object
 ) -> dict:
     """Share ``(x, y)`` through ``defence`` on ``model``, attack what was shared with
     :func:`dlgkit.attacks.image.reconstruct` (labels known to the attacker, one run, unless
@@ -369,6 +369,8 @@ def attack_defended(
     ``distance`` defaults to ``"l2"``, and to ``"cosine"`` for DP-SGD, whose clipping rescales
     the gradient (an L2 attacker would fail on the scale alone). ``adaptive=True`` attacks a
     pruned gradient through :class:`PruningAwareModel` (only the shared entries are matched).
+    ``lr`` is the client's local learning rate for ``local_steps`` (the default matches
+    :func:`train_with_defence`, so attack and training see the same defence).
     Defined in :doc:`/book/05_defences`.
     """
     from dlgkit.attacks.image import reconstruct
@@ -382,7 +384,7 @@ def attack_defended(
         clean = Defence("dp_sgd", 0.0, defence.max_grad_norm).share(model, x, y)
     else:
         clean = client_gradient(model, x, y)
-    shared = defence.share(model, x, y, generator=generator)
+    shared = defence.share(model, x, y, generator=generator, lr=lr)
     if distance is None:
         distance = "cosine" if defence.kind == "dp_sgd" else "l2"
     options = dict(labels=y, restarts=1, history_every=None, progress=False, seed=seed, distance=distance)

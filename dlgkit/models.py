@@ -170,10 +170,11 @@ def warn_if_non_smooth(model: nn.Module) -> None:
     if names:
         warnings.warn(
             f"The model uses piecewise-linear layers ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}). "
-            "DLG differentiates the gradient itself, so it needs twice-differentiable activations: "
-            "ReLU's second derivative is zero almost everywhere, which makes the gradient-matching "
-            "landscape flat in many directions and the attack much weaker. Use activation='sigmoid' "
-            "to reproduce the paper, or expect lower PSNR.",
+            "DLG differentiates the gradient itself, and the paper's attack (L2 distance, L-BFGS) is built "
+            "for twice-differentiable activations: ReLU's second derivative is zero almost everywhere, "
+            "which makes the gradient-matching landscape rough and that attack much weaker. Use "
+            "activation='sigmoid' to reproduce the paper; otherwise expect lower PSNR, or try a cosine "
+            "distance with Adam (Geiping et al., 2020).",
             UserWarning,
             stacklevel=3,
         )
