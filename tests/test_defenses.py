@@ -131,6 +131,15 @@ def test_local_steps_share_the_gradient_after_one_step(face_problem):
     assert defenses.relative_change(five, one) > 1e-3  # the model moved between the steps
 
 
+def test_attack_defended_uses_the_local_learning_rate(face_problem):
+    model, x, y = face_problem
+    steps = Defence("local_steps", 5)
+    slow = defenses.attack_defended(model, x, y, steps, lr=1e-4, iterations=1)
+    fast = defenses.attack_defended(model, x, y, steps, lr=1.0, iterations=1)
+    # five tiny steps change the model hardly at all: the inferred gradient is the gradient
+    assert slow["relative_change"] < 1e-2 < fast["relative_change"], (slow["relative_change"], fast["relative_change"])
+
+
 # --- DP-SGD through Opacus ---------------------------------------------------------------
 
 def test_dp_sgd_without_noise_clips_each_example(face_problem):
