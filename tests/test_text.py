@@ -97,6 +97,27 @@ def test_bag_of_words_length_and_label(pretrained, index):
     assert ta.text_label(grads, pretrained) == index % 2
 
 
+
+def test_outlier_bag_survives_noise_that_defeats_the_exact_test(pretrained):
+    from dlgkit import defenses
+
+    grads = text.text_gradient(pretrained, text.PAPER_SENTENCE, 1)
+    ids = pretrained.encode(text.PAPER_SENTENCE)["input_ids"][0]
+    truth = sorted(set(ids.tolist()))
+    assert ta.bag_of_words(grads, pretrained, rule="outliers").ids.tolist() == truth  # clean: same as exact
+    names = list(grads)
+    noisy = dict(zip(names, defenses.add_noise(list(grads.values()), 1e-10, generator=torch.Generator().manual_seed(0))))
+    exact = ta.bag_of_words(noisy, pretrained)
+    assert len(exact) == pretrained.model.config.vocab_size and exact.length == pretrained.max_length  # every row non-zero
+    robust = ta.bag_of_words(noisy, pretrained, rule="outliers")
+    assert robust.ids.tolist() == truth and robust.length == len(ids)
+    drowned = dict(zip(names, defenses.add_noise(list(grads.values()), 1e-4, generator=torch.Generator().manual_seed(0))))
+    assert len(set(ta.bag_of_words(drowned, pretrained, rule="outliers").ids.tolist()) & set(truth)) < len(truth) // 2
+    with pytest.raises(ValueError, match="rule="):
+        ta.bag_of_words(grads, pretrained, rule="threshold")
+    with pytest.raises(ValueError, match="positive"):
+        ta.bag_of_words(grads, pretrained, rule="outliers", k=0)
+
 @pytest.mark.parametrize("index", [0, 2, 7])
 def test_span_method_recovers_sentences_exactly(pretrained, index):
     sentence = text.SAMPLE_SENTENCES[index]

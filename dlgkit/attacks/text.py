@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from dlgkit.budget import progress_enabled
 from dlgkit.text import TextModel, check_double_backward
 
-__all__ = ["BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
+__all__ = ["BAG_RULES", "BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
 
 
 def _param_name(tm: TextModel, param: torch.nn.Parameter) -> str:
@@ -72,14 +72,41 @@ class BagOfWords:
         return len(self.ids)
 
 
-def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel) -> BagOfWords:
-    """Leak 1: the set of input tokens and the length. Defined in :doc:`/book/04_text_dlg`."""
+BAG_RULES = ("exact", "outliers")
+
+
+def _rows_used(table_grad: torch.Tensor, rule: str, k: float) -> torch.Tensor:
+    """Indices of the rows of an embedding-table gradient that the input used."""
+    norms = table_grad.abs().sum(dim=1)
+    if rule == "exact":
+        return (norms > 0).nonzero().flatten()
+    median = norms.median()
+    spread = 1.4826 * (norms - median).abs().median()  # the MAD, scaled to a Gaussian's sigma
+    if spread == 0:  # no noise in the bulk: the non-zero rows stand out
+        return (norms > median).nonzero().flatten()
+    return (norms > median + k * spread).nonzero().flatten()
+
+
+def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel, rule: str = "exact", k: float = 10.0) -> BagOfWords:
+    """Leak 1: the set of input tokens and the length. Defined in :doc:`/book/04_text_dlg`.
+
+    ``rule="exact"`` keeps the rows of the word (and position) embedding gradient that are not
+    zero: exact for an undefended gradient, useless once noise makes every row non-zero.
+    ``rule="outliers"`` keeps the rows whose L1 norm stands out of the bulk by more than ``k``
+    robust standard deviations (median plus ``k`` times 1.4826 MAD over all rows): most rows
+    carry only noise, so the bulk measures the noise, and the few used rows stand out until the
+    noise is comparable to them (chapter 5 measures where).
+    """
+    if rule not in BAG_RULES:
+        raise ValueError(f"rule={rule!r} is not known; choose one of {list(BAG_RULES)}.")
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not k > 0:
+        raise ValueError(f"k must be a positive number of robust standard deviations, got {k!r}.")
     _, emb = _embeddings(tm)
     word = _require(grads, _param_name(tm, emb.word_embeddings.weight))
     pos = _require(grads, _param_name(tm, emb.position_embeddings.weight))
     norms = word.abs().sum(dim=1)
-    ids = (norms > 0).nonzero().flatten().cpu()
-    used = (pos.abs().sum(dim=1) > 0).nonzero().flatten()
+    ids = _rows_used(word, rule, k).cpu()
+    used = _rows_used(pos, rule, k)
     length = int(used.max()) + 1 if used.numel() else 0
     return BagOfWords(ids=ids, tokens=tm.tokens(ids), weights=norms[ids].cpu(), length=length)
 
