@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlgkit.budget import resolve_device
+from dlgkit.budget import device_of, resolve_device
 
 __all__ = ["SAMPLE_SENTENCES", "PAPER_SENTENCE", "TextModel", "load_text_model", "check_double_backward", "text_gradient"]
 
@@ -107,7 +107,7 @@ class TextModel:
             if n > self.max_length:
                 raise ValueError(f"sentence {i} has {n} tokens with [CLS] and [SEP], more than this model's limit of {self.max_length}; shorten it or split it.")
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        device = next(self.model.parameters()).device
+        device = device_of(self.model)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def tokens(self, ids: torch.Tensor | Sequence[int]) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dlgkit.budget import progress_enabled
+from dlgkit.budget import device_of, progress_enabled
 from dlgkit.text import TextModel, check_double_backward
 
 __all__ = ["BAG_RULES", "BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
@@ -75,9 +75,9 @@ class BagOfWords:
 BAG_RULES = ("exact", "outliers")
 
 
-def _rows_used(table_grad: torch.Tensor, rule: str, k: float) -> torch.Tensor:
-    """Indices of the rows of an embedding-table gradient that the input used."""
-    norms = table_grad.abs().sum(dim=1)
+def _rows_used(norms: torch.Tensor, rule: str, k: float) -> torch.Tensor:
+    """Indices of the rows of an embedding table that the input used, from the L1 norms of the
+    rows of its gradient."""
     if rule == "exact":
         return (norms > 0).nonzero().flatten()
     median = norms.median()
@@ -105,8 +105,8 @@ def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel, rule: str = "exa
     word = _require(grads, _param_name(tm, emb.word_embeddings.weight))
     pos = _require(grads, _param_name(tm, emb.position_embeddings.weight))
     norms = word.abs().sum(dim=1)
-    ids = _rows_used(word, rule, k).cpu()
-    used = _rows_used(pos, rule, k)
+    ids = _rows_used(norms, rule, k).cpu()
+    used = _rows_used(pos.abs().sum(dim=1), rule, k)
     length = int(used.max()) + 1 if used.numel() else 0
     return BagOfWords(ids=ids, tokens=tm.tokens(ids), weights=norms[ids].cpu(), length=length)
 
@@ -154,10 +154,14 @@ def span_residuals(gradient: torch.Tensor, x: torch.Tensor, rank: int | None = N
     if gradient.dim() != 2 or x.dim() != 2 or gradient.shape[1] != x.shape[1]:
         raise ValueError(f"gradient (m, d) and candidates (n, d) must share d; got {tuple(gradient.shape)} and {tuple(x.shape)}.")
     basis = _span_basis(gradient, rank, rel_tol)
-    rank = basis.shape[1]
+    return _residuals_off(basis, x), basis.shape[1]
+
+
+def _residuals_off(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Relative distance of each row of ``x`` from the span of the orthonormal ``basis``."""
     xd = x.double()
     residual = xd - (xd @ basis) @ basis.T
-    return (residual.norm(dim=1) / xd.norm(dim=1).clamp_min(1e-30)).float(), rank
+    return (residual.norm(dim=1) / xd.norm(dim=1).clamp_min(1e-30)).float()
 
 
 @dataclass
@@ -204,16 +208,13 @@ def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torc
         raise ValueError("no candidate tokens to test.")
     length = bag.length if length is None else length
     g = _first_layer_gradient(grads, tm)
-    device = next(tm.model.parameters()).device
-    cand = candidates.to(device)
-    columns, used = [], 0
-    for p in range(length):
-        x = _layer0_inputs(tm, cand, torch.full_like(cand, p))
-        r, used = span_residuals(g, x, rank=rank)
-        columns.append(r.cpu())
+    basis = _span_basis(g, rank)  # one SVD for every position
+    used = basis.shape[1]
+    cand = candidates.to(device_of(tm.model))
+    columns = [_residuals_off(basis, _layer0_inputs(tm, cand, torch.full_like(cand, p))).cpu() for p in range(length)]
     residuals = torch.stack(columns, dim=1)
     if rank is None and used >= g.shape[1]:
-        raise ValueError(f"the span has full dimension {rank}: the batch holds at least as many (token, position) pairs as the hidden size {g.shape[1]}, so every candidate lies in it. Attack smaller batches.")
+        raise ValueError(f"the span has full dimension {used}: the batch holds at least as many (token, position) pairs as the hidden size {g.shape[1]}, so every candidate lies in it. Attack smaller batches.")
     best = residuals.argmin(dim=0)
     found = [(int(p), int(candidates[i]), float(residuals[i, p])) for i, p in (residuals < threshold).nonzero().tolist()]
     found.sort()
