@@ -8,7 +8,7 @@ defence and strength, written as CSV and Markdown.
 The attack setting is the issue's anchor: iDLG with the label known, L-BFGS (line search) for at
 most 300 steps (40 quick), one run per face, 32x32 LFW faces, each on a fresh paper LeNet with 100
 classes; noise on every gradient tensor, pruning per tensor. Accuracy: the paper LeNet trained on
-scikit-learn's digits for 300 FedSGD steps with the same defended gradients (dlgkit.defenses).
+scikit-learn's digits for 300 FedSGD steps with the same defended gradients (dlgkit.defences).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlgkit import budget, data, defenses  # noqa: E402
+from dlgkit import budget, data, defences  # noqa: E402
 
-D = defenses.Defence
+D = defences.Defence
 COLUMNS = ["defence", "kind", "strength", "psnr", "adaptive_psnr", "ssim", "relative_change", "accuracy", "epsilon", "attack_time", "train_time"]
 
 
-def defence_list(quick: bool) -> list[defenses.Defence]:
+def defence_list(quick: bool) -> list[defences.Defence]:
     noise = (1e-4, 1e-3, 1e-2, 1e-1)
     out = [D("none")] + [D("gaussian", v) for v in noise] + [D("laplacian", v) for v in noise]
     out += [D("prune", p) for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)]
@@ -63,7 +63,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for defence in defence_list(quick):
-        row = defenses.privacy_accuracy_sweep([defence], faces, labels, iterations=iterations, train_steps=300, progress=False)[0]
+        row = defences.privacy_accuracy_sweep([defence], faces, labels, iterations=iterations, train_steps=300, progress=False)[0]
         rows.append({k: row.get(k) for k in COLUMNS})
         print(f"{row['defence']:22s} PSNR {row['psnr']:5.1f} dB  adaptive {fmt(row.get('adaptive_psnr')):>6s}  SSIM {row['ssim']:.2f}  "
               f"change/|g| {row['relative_change']:.3g}  accuracy {row['accuracy']:.1%}  epsilon {fmt(row['epsilon'])}  "

@@ -1,6 +1,6 @@
 """Benchmark: the three text leaks of chapter 4 on every shipped sample sentence.
 
-For each sentence of ``dlgkit.text.SAMPLE_SENTENCES`` (8 to 38 tokens with [CLS] and [SEP]),
+For each sentence of ``dlgkit.nlp.SAMPLE_SENTENCES`` (8 to 38 tokens with [CLS] and [SEP]),
 one client gradient on MiniLM-L6 (label 1):
 
 - bag of words: recall and precision of the token set read off the embedding gradient;
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from dlgkit import budget, metrics, text
+from dlgkit import budget, metrics, nlp
 from dlgkit.attacks import text as ta
 
 
@@ -38,11 +38,11 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, nargs="*", help="indices into SAMPLE_SENTENCES (default: all)")
     parser.add_argument("--no-pretrained-dlg", action="store_true", help="skip DLG on the pretrained model")
     args = parser.parse_args()
-    chosen = args.sentences if args.sentences else list(range(len(text.SAMPLE_SENTENCES)))
+    chosen = args.sentences if args.sentences else list(range(len(nlp.SAMPLE_SENTENCES)))
     steps_scratch = budget.budget(full=300, quick=60)
     steps_pre = budget.budget(full=200, quick=40)
-    pretrained = text.load_text_model(pretrained=True)
-    scratch = text.load_text_model(pretrained=False, seed=0)
+    pretrained = nlp.load_text_model(pretrained=True)
+    scratch = nlp.load_text_model(pretrained=False, seed=0)
     print(f"# text attacks on MiniLM-L6, {len(chosen)} sentences; DLG steps: {steps_scratch} (random init), {steps_pre} (pretrained)")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     head = "| # | tokens | bag recall | bag precision | span token acc | span exact | span time (s) | DLG random: token acc | ROUGE-1 | ROUGE-2 | time (s) |"
@@ -51,16 +51,16 @@ def main() -> int:
     print("|" + " --- |" * (head.count("|") - 1))
     start = time.perf_counter()
     for i in chosen:
-        sentence = text.SAMPLE_SENTENCES[i]
+        sentence = nlp.SAMPLE_SENTENCES[i]
         ids = pretrained.encode(sentence)["input_ids"][0]
-        grads = text.text_gradient(pretrained, sentence, 1)
+        grads = nlp.text_gradient(pretrained, sentence, 1)
         bag = set(ta.bag_of_words(grads, pretrained).ids.tolist())
         truth = set(ids.tolist())
         recall, precision = len(bag & truth) / len(truth), len(bag & truth) / max(len(bag), 1)
         span = ta.span_recover(grads, pretrained)
         span_acc = metrics.token_accuracy(span.ids, ids)
         exact = span.ids.tolist() == ids.tolist()
-        grads_s = text.text_gradient(scratch, sentence, 1)
+        grads_s = nlp.text_gradient(scratch, sentence, 1)
         rand = _dlg(scratch, grads_s, ids, steps_scratch)
         cells = [i, len(ids), f"{recall:.2f}", f"{precision:.2f}", f"{span_acc:.0%}", "yes" if exact else "no", f"{span.seconds:.2f}",
                  f"{rand['acc']:.0%}", f"{rand['r1']:.2f}", f"{rand['r2']:.2f}", f"{rand['s']:.1f}"]

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import simulated_cuda  # noqa: E402
 
-from dlgkit import attacks, budget, data, defenses, federated, metrics, models, viz  # noqa: E402
+from dlgkit import attacks, budget, data, defences, federated, metrics, models, viz  # noqa: E402
 
 
 @pytest.fixture
@@ -96,36 +96,36 @@ def test_batch_labels_on_cuda(cuda):
     assert attacks.batch_labels(model, grads, 4, rule="probe", input_shape=faces.shape).tolist() == cpu.tolist()
 
 
-@pytest.mark.parametrize("defence", [defenses.Defence("gaussian", 1e-3), defenses.Defence("laplacian", 1e-3), defenses.Defence("prune", 0.7),
-                                     defenses.Defence("int8"), defenses.Defence("local_steps", 2), defenses.Defence("dp_sgd", 1.0)])
+@pytest.mark.parametrize("defence", [defences.Defence("gaussian", 1e-3), defences.Defence("laplacian", 1e-3), defences.Defence("prune", 0.7),
+                                     defences.Defence("int8"), defences.Defence("local_steps", 2), defences.Defence("dp_sgd", 1.0)])
 def test_defences_on_cuda(cuda, defence):
     faces, labels, _ = _face_and_model()
     model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0).to(cuda)
-    result = defenses.attack_defended(model, faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+    result = defences.attack_defended(model, faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
     assert result["reconstruction"].device.type == "cpu" and result["relative_change"] > 0
     if defence.kind != "dp_sgd":  # noise drawn on the CPU generator: the same numbers on both devices
-        cpu = defenses.attack_defended(model.cpu(), faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+        cpu = defences.attack_defended(model.cpu(), faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
         assert result["relative_change"] == pytest.approx(cpu["relative_change"], rel=1e-5)
 
 
 def test_training_with_dp_sgd_on_cuda(cuda):
-    subset = tuple(t[:200] for t in defenses._digits_split())
-    trained = defenses.train_with_defence(defenses.Defence("dp_sgd", 1.0), steps=3, batch_size=16, data=subset)
+    subset = tuple(t[:200] for t in defences._digits_split())
+    trained = defences.train_with_defence(defences.Defence("dp_sgd", 1.0), steps=3, batch_size=16, data=subset)
     assert next(trained.model.parameters()).device.type != "cpu" and 0 <= trained.accuracy <= 1
-    rows = defenses.privacy_accuracy_sweep([defenses.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), iterations=2, train_steps=2, num_classes=10)
+    rows = defences.privacy_accuracy_sweep([defences.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), iterations=2, train_steps=2, num_classes=10)
     assert rows[0]["reconstructions"].device.type == "cpu" and "adaptive_psnr" in rows[0]
 
 
 def test_text_attacks_on_cuda(cuda):
-    from dlgkit import text
+    from dlgkit import nlp
     from dlgkit.attacks import text as text_attacks
 
-    tm = text.load_text_model(pretrained=True)
+    tm = nlp.load_text_model(pretrained=True)
     assert budget.device_of(tm.model).type != "cpu"
     position_ids = tm.model.bert.embeddings.position_ids  # a buffer transformers fills while loading
     assert position_ids[0, :4].tolist() == [0, 1, 2, 3]
     sentence = "the cat sat on the mat"
-    grads = text.text_gradient(tm, sentence, 1)
+    grads = nlp.text_gradient(tm, sentence, 1)
     truth = tm.encode(sentence)["input_ids"][0]
     bag = text_attacks.bag_of_words(grads, tm)
     assert bag.ids.tolist() == sorted(set(truth.tolist()))

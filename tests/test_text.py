@@ -9,20 +9,20 @@ import sys
 import pytest
 import torch
 
-from dlgkit import exercises, metrics, text, viz
+from dlgkit import exercises, metrics, nlp, viz
 from dlgkit.attacks import text as ta
 
-SHORT = text.SAMPLE_SENTENCES[1]  # "The patient was admitted with chest pain." (10 tokens)
+SHORT = nlp.SAMPLE_SENTENCES[1]  # "The patient was admitted with chest pain." (10 tokens)
 
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return text.load_text_model(pretrained=True)
+    return nlp.load_text_model(pretrained=True)
 
 
 @pytest.fixture(scope="module")
 def scratch():
-    return text.load_text_model(pretrained=False, seed=0)
+    return nlp.load_text_model(pretrained=False, seed=0)
 
 
 def test_bundled_model_is_eager_and_in_eval_mode(pretrained):
@@ -34,7 +34,7 @@ def test_bundled_model_is_eager_and_in_eval_mode(pretrained):
 
 
 def test_random_initialisation_differs_and_is_seeded(pretrained, scratch):
-    again = text.load_text_model(pretrained=False, seed=0)
+    again = nlp.load_text_model(pretrained=False, seed=0)
     w = "bert.encoder.layer.0.attention.self.query.weight"
     state_a, state_b = dict(scratch.model.named_parameters()), dict(again.model.named_parameters())
     assert torch.equal(state_a[w], state_b[w])
@@ -42,18 +42,18 @@ def test_random_initialisation_differs_and_is_seeded(pretrained, scratch):
 
 
 def test_sample_sentences_cover_8_to_40_tokens(pretrained):
-    lengths = [len(pretrained.tokenizer(s)["input_ids"]) for s in text.SAMPLE_SENTENCES]
+    lengths = [len(pretrained.tokenizer(s)["input_ids"]) for s in nlp.SAMPLE_SENTENCES]
     assert min(lengths) >= 8 and max(lengths) <= 40 and max(lengths) >= 30
-    assert text.SAMPLE_SENTENCES[0] == text.PAPER_SENTENCE
+    assert nlp.SAMPLE_SENTENCES[0] == nlp.PAPER_SENTENCE
 
 
 def test_named_model_needs_explicit_download():
     with pytest.raises(ValueError, match="download=True"):
-        text.load_text_model("bert-base-uncased")
+        nlp.load_text_model("bert-base-uncased")
 
 
 def test_download_offline_gives_a_clear_error():
-    code = "from dlgkit import text\ntry:\n    text.load_text_model('bert-base-uncased', download=True)\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    code = "from dlgkit import nlp\ntry:\n    nlp.load_text_model('bert-base-uncased', download=True)\nexcept RuntimeError as e:\n    print('ERR', e)\n"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "ERR could not load 'bert-base-uncased'" in out.stdout and "name=None" in out.stdout, out.stdout + out.stderr
@@ -67,7 +67,7 @@ def test_sdpa_attention_is_rejected_with_the_fix(pretrained):
         config = Config()
 
     with pytest.raises(ValueError, match='attn_implementation="eager"'):
-        text.check_double_backward(Fake())
+        nlp.check_double_backward(Fake())
 
 
 def test_encode_rejects_empty_and_too_long_input(pretrained):
@@ -81,16 +81,16 @@ def test_encode_rejects_empty_and_too_long_input(pretrained):
 
 def test_text_gradient_checks_labels(pretrained):
     with pytest.raises(ValueError, match="one label per sentence"):
-        text.text_gradient(pretrained, [SHORT, SHORT], 1)
+        nlp.text_gradient(pretrained, [SHORT, SHORT], 1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        text.text_gradient(pretrained, SHORT, 3)
+        nlp.text_gradient(pretrained, SHORT, 3)
 
 
 @pytest.mark.parametrize("index", [0, 1, 5])
 def test_bag_of_words_length_and_label(pretrained, index):
-    sentence = text.SAMPLE_SENTENCES[index]
+    sentence = nlp.SAMPLE_SENTENCES[index]
     ids = pretrained.encode(sentence)["input_ids"][0]
-    grads = text.text_gradient(pretrained, sentence, index % 2)
+    grads = nlp.text_gradient(pretrained, sentence, index % 2)
     bag = ta.bag_of_words(grads, pretrained)
     assert bag.ids.tolist() == sorted(set(ids.tolist()))
     assert bag.length == len(ids)
@@ -99,19 +99,19 @@ def test_bag_of_words_length_and_label(pretrained, index):
 
 
 def test_outlier_bag_survives_noise_that_defeats_the_exact_test(pretrained):
-    from dlgkit import defenses
+    from dlgkit import defences
 
-    grads = text.text_gradient(pretrained, text.PAPER_SENTENCE, 1)
-    ids = pretrained.encode(text.PAPER_SENTENCE)["input_ids"][0]
+    grads = nlp.text_gradient(pretrained, nlp.PAPER_SENTENCE, 1)
+    ids = pretrained.encode(nlp.PAPER_SENTENCE)["input_ids"][0]
     truth = sorted(set(ids.tolist()))
     assert ta.bag_of_words(grads, pretrained, rule="outliers").ids.tolist() == truth  # clean: same as exact
     names = list(grads)
-    noisy = dict(zip(names, defenses.add_noise(list(grads.values()), 1e-10, generator=torch.Generator().manual_seed(0))))
+    noisy = dict(zip(names, defences.add_noise(list(grads.values()), 1e-10, generator=torch.Generator().manual_seed(0))))
     exact = ta.bag_of_words(noisy, pretrained)
     assert len(exact) == pretrained.model.config.vocab_size and exact.length == pretrained.max_length  # every row non-zero
     robust = ta.bag_of_words(noisy, pretrained, rule="outliers")
     assert robust.ids.tolist() == truth and robust.length == len(ids)
-    drowned = dict(zip(names, defenses.add_noise(list(grads.values()), 1e-4, generator=torch.Generator().manual_seed(0))))
+    drowned = dict(zip(names, defences.add_noise(list(grads.values()), 1e-4, generator=torch.Generator().manual_seed(0))))
     assert len(set(ta.bag_of_words(drowned, pretrained, rule="outliers").ids.tolist()) & set(truth)) < len(truth) // 2
     with pytest.raises(ValueError, match="rule="):
         ta.bag_of_words(grads, pretrained, rule="threshold")
@@ -120,9 +120,9 @@ def test_outlier_bag_survives_noise_that_defeats_the_exact_test(pretrained):
 
 @pytest.mark.parametrize("index", [0, 2, 7])
 def test_span_method_recovers_sentences_exactly(pretrained, index):
-    sentence = text.SAMPLE_SENTENCES[index]
+    sentence = nlp.SAMPLE_SENTENCES[index]
     ids = pretrained.encode(sentence)["input_ids"][0]
-    grads = text.text_gradient(pretrained, sentence, 1)
+    grads = nlp.text_gradient(pretrained, sentence, 1)
     span = ta.span_recover(grads, pretrained)
     assert span.ids.tolist() == ids.tolist()
     assert metrics.token_accuracy(span.ids, ids) == 1.0
@@ -131,8 +131,8 @@ def test_span_method_recovers_sentences_exactly(pretrained, index):
 
 
 def test_span_method_finds_each_positions_token_set_in_a_batch(pretrained):
-    batch = list(text.SAMPLE_SENTENCES[1:4])
-    grads = text.text_gradient(pretrained, batch, [0, 1, 0])
+    batch = list(nlp.SAMPLE_SENTENCES[1:4])
+    grads = nlp.text_gradient(pretrained, batch, [0, 1, 0])
     span = ta.span_recover(grads, pretrained)
     enc = pretrained.encode(batch)
     for p, found in enumerate(span.per_position()):
@@ -141,7 +141,7 @@ def test_span_method_finds_each_positions_token_set_in_a_batch(pretrained):
 
 
 def test_span_candidates_validation(pretrained):
-    grads = text.text_gradient(pretrained, SHORT, 0)
+    grads = nlp.text_gradient(pretrained, SHORT, 0)
     with pytest.raises(ValueError, match="candidates"):
         ta.span_recover(grads, pretrained, candidates="words")
     with pytest.raises(KeyError, match="computed on this model"):
@@ -152,7 +152,7 @@ def test_span_candidates_validation(pretrained):
 
 def test_dlg_recovers_a_short_sentence_on_a_random_model(scratch):
     ids = scratch.encode(SHORT)["input_ids"][0]
-    grads = text.text_gradient(scratch, SHORT, 0)
+    grads = nlp.text_gradient(scratch, SHORT, 0)
     result = ta.reconstruct_text(scratch, grads, iterations=120, record_every=20, progress=False)
     assert result.iters[0] == 0 and result.iters[-1] == 120 and len(result.history) == len(result.iters)
     assert result.losses[-1] < 0.05 * result.losses[0]
@@ -164,7 +164,7 @@ def test_dlg_recovers_a_short_sentence_on_a_random_model(scratch):
 
 
 def test_euclidean_decoding_collapses_to_padding_on_a_random_model(scratch):
-    grads = text.text_gradient(scratch, SHORT, 0)
+    grads = nlp.text_gradient(scratch, SHORT, 0)
     result = ta.reconstruct_text(scratch, grads, iterations=30, progress=False)
     bag = ta.bag_of_words(grads, scratch)
     euclid = ta.decode_embeddings(scratch, result.embeddings[1:-1], "euclidean")
@@ -176,7 +176,7 @@ def test_euclidean_decoding_collapses_to_padding_on_a_random_model(scratch):
 
 
 def test_reconstruct_text_rejects_bad_options(scratch):
-    grads = text.text_gradient(scratch, SHORT, 0)
+    grads = nlp.text_gradient(scratch, SHORT, 0)
     for kwargs, match in [({"parametrization": "onehot"}, "parametrization"), ({"decode": "nearest"}, "decode"), ({"optimizer": "sgd"}, "optimizer"), ({"distance": "l1"}, "distance"), ({"length": 2}, "length")]:
         with pytest.raises(ValueError, match=match):
             ta.reconstruct_text(scratch, grads, iterations=1, **kwargs)
@@ -240,16 +240,16 @@ def test_exercise_checks_accept_references_and_reject_wrong_answers(capsys):
 
 
 def test_span_method_under_defences_with_a_given_rank(pretrained):
-    from dlgkit import defenses
+    from dlgkit import defences
 
     ids = pretrained.encode(SHORT)["input_ids"][0]
-    grads = text.text_gradient(pretrained, SHORT, 0)
+    grads = nlp.text_gradient(pretrained, SHORT, 0)
     names, values = list(grads), list(grads.values())
-    half = dict(zip(names, defenses.quantise(values, "fp16")))
+    half = dict(zip(names, defences.quantise(values, "fp16")))
     assert ta.span_recover(half, pretrained).ids.tolist() == ids.tolist()
-    noisy = dict(zip(names, defenses.add_noise(values, 1e-12, generator=torch.Generator().manual_seed(0))))
+    noisy = dict(zip(names, defences.add_noise(values, 1e-12, generator=torch.Generator().manual_seed(0))))
     assert len(ta.bag_of_words(noisy, pretrained)) == pretrained.model.config.vocab_size, "noise should fill every row"
     span = ta.span_recover(noisy, pretrained, candidates=torch.tensor(sorted(set(ids.tolist()))), length=len(ids), rank=len(ids))
     assert span.rank == len(ids) and metrics.token_accuracy(span.ids, ids) >= 0.9
-    loud = dict(zip(names, defenses.add_noise(values, 1e-6, generator=torch.Generator().manual_seed(0))))
+    loud = dict(zip(names, defences.add_noise(values, 1e-6, generator=torch.Generator().manual_seed(0))))
     assert metrics.token_accuracy(ta.span_recover(loud, pretrained, candidates="vocab", length=len(ids), rank=len(ids)).ids, ids) < 0.5

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dlgkit.budget import device_of, progress_enabled
-from dlgkit.text import TextModel, check_double_backward
+from dlgkit.nlp import TextModel, check_double_backward
 
 __all__ = ["BAG_RULES", "BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
 
@@ -51,7 +51,7 @@ def _embeddings(tm: TextModel):
 
 def _require(grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if not isinstance(grads, dict):
-        raise TypeError(f"gradients must be a dict from parameter name to tensor (as dlgkit.text.text_gradient returns), got {type(grads).__name__}.")
+        raise TypeError(f"gradients must be a dict from parameter name to tensor (as dlgkit.nlp.text_gradient returns), got {type(grads).__name__}.")
     if name not in grads:
         raise KeyError(f"the shared gradients have no entry {name!r}; were they computed on this model?")
     return grads[name]

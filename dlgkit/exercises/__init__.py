@@ -10,9 +10,9 @@ submodules and all re-exported here, so ``from dlgkit import exercises as ex`` i
 from dlgkit.exercises._common import ExerciseFailure
 from dlgkit.exercises.images import *  # noqa: F403
 from dlgkit.exercises.images import __all__ as _images_all
-from dlgkit.exercises.defenses import *  # noqa: F403
-from dlgkit.exercises.defenses import __all__ as _defenses_all
+from dlgkit.exercises.defences import *  # noqa: F403
+from dlgkit.exercises.defences import __all__ as _defences_all
 from dlgkit.exercises.text import *  # noqa: F403
 from dlgkit.exercises.text import __all__ as _text_all
 
-__all__ = ["ExerciseFailure", *_images_all, *_text_all, *_defenses_all]
+__all__ = ["ExerciseFailure", *_images_all, *_text_all, *_defences_all]

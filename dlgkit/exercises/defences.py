@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from dlgkit import data, defenses, models
+from dlgkit import data, defences, models
 from dlgkit.exercises._common import _report, _require, _tensor
 
 __all__ = ["NOISE_GRID", "noise_problem", "check_prune", "check_weakest_noise"]
@@ -26,7 +26,7 @@ def noise_problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 def _attack_psnr(variance: float) -> float:
     model, x, y = noise_problem()
-    return defenses.attack_defended(model, x, y, defenses.Defence("gaussian", variance), seed=0, iterations=_ATTACK_STEPS)["psnr"]
+    return defences.attack_defended(model, x, y, defences.Defence("gaussian", variance), seed=0, iterations=_ATTACK_STEPS)["psnr"]
 
 
 def check_prune(fn: Callable) -> bool:
@@ -39,7 +39,7 @@ def check_prune(fn: Callable) -> bool:
             grads = [torch.randn(8, 6, generator=generator), torch.randn(8, generator=generator) * 0.01]
             got = fn([g.clone() for g in grads], ratio)
             _require(isinstance(got, (list, tuple)) and len(got) == len(grads), f"return a list of {len(grads)} tensors, one per gradient tensor.")
-            want = defenses.prune(grads, ratio)
+            want = defences.prune(grads, ratio)
             for i, (g, w) in enumerate(zip(got, want)):
                 g = _tensor(g, f"tensor {i}")
                 _require(g.shape == w.shape, f"tensor {i} has shape {tuple(g.shape)}, expected {tuple(w.shape)}.")

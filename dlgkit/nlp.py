@@ -169,7 +169,7 @@ def check_double_backward(model: nn.Module) -> None:
         raise ValueError(
             f"this model uses attn_implementation={impl!r}, whose fused kernels have no second derivative (on the CPU or a GPU), "
             "so gradient matching cannot differentiate the model's gradient. Load it with "
-            'attn_implementation="eager" (dlgkit.text.load_text_model does).'
+            'attn_implementation="eager" (dlgkit.nlp.load_text_model does).'
         )
 
 

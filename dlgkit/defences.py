@@ -376,7 +376,7 @@ def attack_defended(
     from dlgkit.attacks.image import reconstruct
 
     if not isinstance(defence, Defence):
-        raise TypeError(f"defence must be a dlgkit.defenses.Defence, got {type(defence).__name__}.")
+        raise TypeError(f"defence must be a dlgkit.defences.Defence, got {type(defence).__name__}.")
     if adaptive and defence.kind not in ("prune", "prune_global"):
         raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
     generator = torch.Generator().manual_seed(seed)
@@ -444,7 +444,7 @@ def train_with_defence(
     from dlgkit.models import LeNet
 
     if not isinstance(defence, Defence):
-        raise TypeError(f"defence must be a dlgkit.defenses.Defence, got {type(defence).__name__}.")
+        raise TypeError(f"defence must be a dlgkit.defences.Defence, got {type(defence).__name__}.")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -1,4 +1,4 @@
-"""Unit tests of dlgkit.defenses: the transforms, DP-SGD through Opacus, and both sides of the trade-off."""
+"""Unit tests of dlgkit.defences: the transforms, DP-SGD through Opacus, and both sides of the trade-off."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from dlgkit import data, defenses, exercises, federated, metrics, models
-from dlgkit.defenses import Defence
+from dlgkit import data, defences, exercises, federated, metrics, models
+from dlgkit.defences import Defence
 
 
 def _grads(seed: int = 0) -> list[torch.Tensor]:
@@ -28,10 +28,10 @@ def face_problem():
 
 # --- transforms ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("distribution", defenses.NOISE_DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", defences.NOISE_DISTRIBUTIONS)
 def test_noise_has_the_requested_variance(distribution):
     zeros = [torch.zeros(200_000)]
-    noisy = defenses.add_noise(zeros, 1e-2, distribution, generator=torch.Generator().manual_seed(0))[0]
+    noisy = defences.add_noise(zeros, 1e-2, distribution, generator=torch.Generator().manual_seed(0))[0]
     assert abs(float(noisy.var()) - 1e-2) < 5e-4
     assert abs(float(noisy.mean())) < 1e-3
     # Laplacian noise has heavier tails than Gaussian noise of the same variance (kurtosis 6 vs 3)
@@ -41,16 +41,16 @@ def test_noise_has_the_requested_variance(distribution):
 
 def test_noise_is_reproducible_and_zero_variance_is_identity():
     g = _grads()
-    a = defenses.add_noise(g, 1e-3, generator=torch.Generator().manual_seed(1))
-    b = defenses.add_noise(g, 1e-3, generator=torch.Generator().manual_seed(1))
+    a = defences.add_noise(g, 1e-3, generator=torch.Generator().manual_seed(1))
+    b = defences.add_noise(g, 1e-3, generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert all(torch.equal(x, y) for x, y in zip(defenses.add_noise(g, 0.0), g))
+    assert all(torch.equal(x, y) for x, y in zip(defences.add_noise(g, 0.0), g))
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.7, 1.0])
 def test_prune_per_layer_zeroes_the_smallest_fraction_of_each_tensor(ratio):
     g = _grads()
-    pruned = defenses.prune(g, ratio)
+    pruned = defences.prune(g, ratio)
     for original, p in zip(g, pruned):
         k = round(ratio * original.numel())
         assert int((p == 0).sum()) == k
@@ -62,51 +62,51 @@ def test_prune_per_layer_zeroes_the_smallest_fraction_of_each_tensor(ratio):
 
 def test_prune_global_ranks_all_tensors_together():
     g = [torch.tensor([10.0, 20.0, 30.0]), torch.tensor([0.1, 0.2, 0.3])]
-    assert [t.tolist() for t in defenses.prune(g, 2 / 3, scope="global")] == [[0.0, 20.0, 30.0], [0.0, 0.0, 0.0]]
-    assert [t.tolist() for t in defenses.prune(g, 0.5, scope="layer")] == [[0.0, 0.0, 30.0], [0.0, 0.0, pytest.approx(0.3)]]
+    assert [t.tolist() for t in defences.prune(g, 2 / 3, scope="global")] == [[0.0, 20.0, 30.0], [0.0, 0.0, 0.0]]
+    assert [t.tolist() for t in defences.prune(g, 0.5, scope="layer")] == [[0.0, 0.0, 30.0], [0.0, 0.0, pytest.approx(0.3)]]
 
 
 def test_quantise_round_trips():
     g = _grads()
-    half = defenses.quantise(g, "fp16")
+    half = defences.quantise(g, "fp16")
     assert all(h.dtype == torch.float32 for h in half)
     assert max(float((h - o).abs().max() / o.abs().max()) for h, o in zip(half, g)) < 1e-3
-    q = defenses.quantise(g, "int8")
+    q = defences.quantise(g, "int8")
     for t, o in zip(q, g):
         scale = float(o.abs().max()) / 127
         assert len(torch.unique(t)) <= 255
         assert float((t - o).abs().max()) <= scale / 2 + 1e-6  # rounding error at most half a step
-    assert torch.equal(defenses.quantise([torch.zeros(3)], "int8")[0], torch.zeros(3))
+    assert torch.equal(defences.quantise([torch.zeros(3)], "int8")[0], torch.zeros(3))
 
 
 def test_relative_change():
     g = [torch.tensor([3.0, 4.0])]
-    assert defenses.relative_change([torch.tensor([3.0, 5.0])], g) == pytest.approx(0.2)
-    assert defenses.relative_change(g, g) == 0.0
+    assert defences.relative_change([torch.tensor([3.0, 5.0])], g) == pytest.approx(0.2)
+    assert defences.relative_change(g, g) == 0.0
 
 
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda g: defenses.add_noise(g, -1e-3), ValueError, "variance must be >= 0"),
-        (lambda g: defenses.add_noise(g, "big"), TypeError, "variance must be a number"),
-        (lambda g: defenses.add_noise(g, 1e-3, "uniform"), ValueError, "choose one of \\['gaussian', 'laplacian'\\]"),
-        (lambda g: defenses.add_noise(g[0], 1e-3), TypeError, "list of tensors"),
-        (lambda g: defenses.prune(g, 1.5), ValueError, "ratio must be in \\[0, 1\\].*fraction of entries"),
-        (lambda g: defenses.prune(g, -0.1), ValueError, "ratio must be in \\[0, 1\\]"),
-        (lambda g: defenses.prune(g, 0.5, scope="row"), ValueError, "scope='row' is not known"),
-        (lambda g: defenses.quantise(g, "int4"), ValueError, "dtype='int4' is not known; choose one of \\['fp16', 'int8'\\]"),
-        (lambda g: defenses.quantise(g, torch.float16), TypeError, "dtype must be one of the strings"),
+        (lambda g: defences.add_noise(g, -1e-3), ValueError, "variance must be >= 0"),
+        (lambda g: defences.add_noise(g, "big"), TypeError, "variance must be a number"),
+        (lambda g: defences.add_noise(g, 1e-3, "uniform"), ValueError, "choose one of \\['gaussian', 'laplacian'\\]"),
+        (lambda g: defences.add_noise(g[0], 1e-3), TypeError, "list of tensors"),
+        (lambda g: defences.prune(g, 1.5), ValueError, "ratio must be in \\[0, 1\\].*fraction of entries"),
+        (lambda g: defences.prune(g, -0.1), ValueError, "ratio must be in \\[0, 1\\]"),
+        (lambda g: defences.prune(g, 0.5, scope="row"), ValueError, "scope='row' is not known"),
+        (lambda g: defences.quantise(g, "int4"), ValueError, "dtype='int4' is not known; choose one of \\['fp16', 'int8'\\]"),
+        (lambda g: defences.quantise(g, torch.float16), TypeError, "dtype must be one of the strings"),
         (lambda g: Defence("noise", 1e-3), ValueError, "kind='noise' is not known"),
         (lambda g: Defence("gaussian", -1.0), ValueError, "noise variance"),
         (lambda g: Defence("prune", 2.0), ValueError, "pruning ratio"),
         (lambda g: Defence("local_steps", 2.5), ValueError, "whole number"),
         (lambda g: Defence("dp_sgd", 1.0, max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
         (lambda g: Defence("dp_sgd", 1.0)(g), TypeError, "call .share"),
-        (lambda g: defenses.dp_epsilon(1.0, 1.5, 10), ValueError, "sample_rate must be in \\[0, 1\\]"),
-        (lambda g: defenses.dp_epsilon(1.0, 0.1, 10, accountant="gdp"), ValueError, "choose 'rdp' or 'prv'"),
-        (lambda g: defenses.train_with_defence("gaussian"), TypeError, "must be a dlgkit.defenses.Defence"),
-        (lambda g: defenses.train_with_defence(Defence(), steps=0), ValueError, "steps must be a positive int"),
+        (lambda g: defences.dp_epsilon(1.0, 1.5, 10), ValueError, "sample_rate must be in \\[0, 1\\]"),
+        (lambda g: defences.dp_epsilon(1.0, 0.1, 10, accountant="gdp"), ValueError, "choose 'rdp' or 'prv'"),
+        (lambda g: defences.train_with_defence("gaussian"), TypeError, "must be a dlgkit.defences.Defence"),
+        (lambda g: defences.train_with_defence(Defence(), steps=0), ValueError, "steps must be a positive int"),
     ],
 )
 def test_bad_parameters_get_clear_errors(call, error, match):
@@ -116,9 +116,9 @@ def test_bad_parameters_get_clear_errors(call, error, match):
 
 def test_defence_objects_dispatch_to_the_transforms():
     g = _grads()
-    assert all(torch.equal(a, b) for a, b in zip(Defence("prune", 0.3)(g), defenses.prune(g, 0.3)))
-    assert all(torch.equal(a, b) for a, b in zip(Defence("prune_global", 0.3)(g), defenses.prune(g, 0.3, scope="global")))
-    assert all(torch.equal(a, b) for a, b in zip(Defence("int8")(g), defenses.quantise(g, "int8")))
+    assert all(torch.equal(a, b) for a, b in zip(Defence("prune", 0.3)(g), defences.prune(g, 0.3)))
+    assert all(torch.equal(a, b) for a, b in zip(Defence("prune_global", 0.3)(g), defences.prune(g, 0.3, scope="global")))
+    assert all(torch.equal(a, b) for a, b in zip(Defence("int8")(g), defences.quantise(g, "int8")))
     assert all(torch.equal(a, b) for a, b in zip(Defence()(g), g))
     assert Defence("gaussian", 1e-3).label == "gaussian 1e-03" and Defence("prune", 0.7).label == "prune 70%"
 
@@ -128,14 +128,14 @@ def test_local_steps_share_the_gradient_after_one_step(face_problem):
     one = Defence("local_steps", 1).share(model, x, y, lr=0.01)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, federated.client_gradient(model, x, y)))
     five = Defence("local_steps", 5).share(model, x, y, lr=0.01)
-    assert defenses.relative_change(five, one) > 1e-3  # the model moved between the steps
+    assert defences.relative_change(five, one) > 1e-3  # the model moved between the steps
 
 
 def test_attack_defended_uses_the_local_learning_rate(face_problem):
     model, x, y = face_problem
     steps = Defence("local_steps", 5)
-    slow = defenses.attack_defended(model, x, y, steps, lr=1e-4, iterations=1)
-    fast = defenses.attack_defended(model, x, y, steps, lr=1.0, iterations=1)
+    slow = defences.attack_defended(model, x, y, steps, lr=1e-4, iterations=1)
+    fast = defences.attack_defended(model, x, y, steps, lr=1.0, iterations=1)
     # five tiny steps change the model hardly at all: the inferred gradient is the gradient
     assert slow["relative_change"] < 1e-2 < fast["relative_change"], (slow["relative_change"], fast["relative_change"])
 
@@ -147,7 +147,7 @@ def test_dp_sgd_without_noise_clips_each_example(face_problem):
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 2, 3])
     before = [p.detach().clone() for p in model.parameters()]
-    shared = defenses.dp_sgd_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=0.5)
+    shared = defences.dp_sgd_gradient(model, x, y, noise_multiplier=0.0, max_grad_norm=0.5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is untouched
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for k in range(3):
@@ -162,8 +162,8 @@ def test_dp_sgd_without_noise_clips_each_example(face_problem):
 def test_dp_sgd_noise_has_the_right_scale():
     model = models.LeNet(channels=1, num_classes=10, image_size=8, seed=0)
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    clean = defenses.dp_sgd_gradient(model, x, y, 0.0, 1.0)
-    noisy = defenses.dp_sgd_gradient(model, x, y, 2.0, 1.0, generator=torch.Generator().manual_seed(0))
+    clean = defences.dp_sgd_gradient(model, x, y, 0.0, 1.0)
+    noisy = defences.dp_sgd_gradient(model, x, y, 2.0, 1.0, generator=torch.Generator().manual_seed(0))
     diff = torch.cat([(a - b).flatten() for a, b in zip(noisy, clean)])
     assert float(diff.std()) == pytest.approx(2.0 * 1.0 / 4, rel=0.05)  # sigma * C / batch size
 
@@ -174,19 +174,19 @@ def test_dp_epsilon_comes_from_opacus_and_behaves():
     acc = RDPAccountant()
     for _ in range(100):
         acc.step(noise_multiplier=1.0, sample_rate=0.02)
-    assert defenses.dp_epsilon(1.0, 0.02, 100) == pytest.approx(acc.get_epsilon(1e-5))
-    assert defenses.dp_epsilon(2.0, 0.02, 100) < defenses.dp_epsilon(1.0, 0.02, 100) < defenses.dp_epsilon(1.0, 0.02, 400)
-    prv, rdp = defenses.dp_epsilon(1.0, 0.02, 100, accountant="prv"), defenses.dp_epsilon(1.0, 0.02, 100)
+    assert defences.dp_epsilon(1.0, 0.02, 100) == pytest.approx(acc.get_epsilon(1e-5))
+    assert defences.dp_epsilon(2.0, 0.02, 100) < defences.dp_epsilon(1.0, 0.02, 100) < defences.dp_epsilon(1.0, 0.02, 400)
+    prv, rdp = defences.dp_epsilon(1.0, 0.02, 100, accountant="prv"), defences.dp_epsilon(1.0, 0.02, 100)
     assert 0.5 * rdp < prv <= rdp  # PRV accounting is tighter than RDP
-    assert defenses.dp_epsilon(0.0, 0.02, 100) == math.inf and defenses.dp_epsilon(1.0, 0.02, 0) == 0.0
+    assert defences.dp_epsilon(0.0, 0.02, 100) == math.inf and defences.dp_epsilon(1.0, 0.02, 0) == 0.0
 
 
 # --- both sides of the trade-off ------------------------------------------------------------
 
 def test_attack_succeeds_without_defence_and_fails_under_strong_noise(face_problem):
     model, x, y = face_problem
-    clear = defenses.attack_defended(model, x, y, Defence(), iterations=40)
-    noisy = defenses.attack_defended(model, x, y, Defence("gaussian", 1e-1), iterations=10)
+    clear = defences.attack_defended(model, x, y, Defence(), iterations=40)
+    noisy = defences.attack_defended(model, x, y, Defence("gaussian", 1e-1), iterations=10)
     assert clear["psnr"] >= 30 and clear["relative_change"] == 0.0
     assert noisy["psnr"] < 12 and noisy["relative_change"] > 1.0
     assert float(metrics.psnr(clear["reconstruction"], x)) == pytest.approx(clear["psnr"])
@@ -194,29 +194,29 @@ def test_attack_succeeds_without_defence_and_fails_under_strong_noise(face_probl
 
 def test_pruning_aware_attack_beats_the_plain_one(face_problem):
     model, x, y = face_problem
-    plain = defenses.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20)
-    aware = defenses.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20, adaptive=True)
+    plain = defences.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20)
+    aware = defences.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20, adaptive=True)
     assert aware["psnr"] >= 25 and aware["psnr"] > plain["psnr"] + 10, (plain["psnr"], aware["psnr"])
     with pytest.raises(ValueError, match="needs a pruning defence"):
-        defenses.attack_defended(model, x, y, Defence("gaussian", 1e-3), adaptive=True)
+        defences.attack_defended(model, x, y, Defence("gaussian", 1e-3), adaptive=True)
 
 
 def test_pruning_aware_model_masks_the_gradient(face_problem):
     model, x, y = face_problem
-    shared = defenses.prune(federated.client_gradient(model, x, y), 0.5)
-    aware = defenses.PruningAwareModel(model, shared)
+    shared = defences.prune(federated.client_gradient(model, x, y), 0.5)
+    aware = defences.PruningAwareModel(model, shared)
     assert torch.allclose(aware(x), model(x))
     masked = federated.client_gradient(aware, x, y)
     assert all(torch.allclose(m, s, atol=1e-6) for m, s in zip(masked, shared))  # same image: masked gradient = pruned one
 
 
 def test_training_accuracy_responds_to_the_defence():
-    clean = defenses.train_with_defence(Defence(), steps=150)
-    ruined = defenses.train_with_defence(Defence("gaussian", 1e-1), steps=150)
+    clean = defences.train_with_defence(Defence(), steps=150)
+    ruined = defences.train_with_defence(Defence("gaussian", 1e-1), steps=150)
     assert clean.accuracy >= 0.6 and clean.epsilon is None
     assert ruined.accuracy < 0.3
-    private = defenses.train_with_defence(Defence("dp_sgd", 1.0), steps=50)
-    assert private.epsilon == pytest.approx(defenses.dp_epsilon(1.0, 32 / 1438, 50))
+    private = defences.train_with_defence(Defence("dp_sgd", 1.0), steps=50)
+    assert private.epsilon == pytest.approx(defences.dp_epsilon(1.0, 32 / 1438, 50))
     assert 0.0 <= private.accuracy <= 1.0
 
 
@@ -228,10 +228,10 @@ def _quiet(check, *args) -> bool:
 
 
 def test_exercise_checks_accept_references_and_reject_wrong_answers():
-    assert _quiet(exercises.check_prune, defenses.prune)
+    assert _quiet(exercises.check_prune, defences.prune)
     assert not _quiet(exercises.check_prune, lambda g, r: [t.clone() for t in g])
-    assert not _quiet(exercises.check_prune, lambda g, r: defenses.prune(g, 1 - r))  # keeps the fraction instead
-    assert not _quiet(exercises.check_prune, lambda g, r: defenses.prune(g, r, scope="global"))
+    assert not _quiet(exercises.check_prune, lambda g, r: defences.prune(g, 1 - r))  # keeps the fraction instead
+    assert not _quiet(exercises.check_prune, lambda g, r: defences.prune(g, r, scope="global"))
     assert not _quiet(exercises.check_prune, lambda g, r: [t.abs() * (t.abs() >= t.abs().median()) for t in g])
 
 
