@@ -25,6 +25,7 @@ __all__ = [
     "check_probability",
     "check_finite_tensors",
     "check_unit_range",
+    "check_class_indices",
 ]
 
 #: PSNR (dB) at and above which a reconstruction counts as a success: the face is back, pixel
@@ -124,3 +125,26 @@ def check_unit_range(name: str, x: torch.Tensor, tol: float = 1e-6) -> None:
     if x.numel() and (float(x.min()) < -tol or float(x.max()) > 1 + tol):
         hint = " It looks like 0-255 pixel values: divide by 255." if float(x.max()) > 1.5 else ""
         raise ValueError(f"{name} must hold pixel values in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}].{hint}")
+
+
+def check_class_indices(name: str, labels: object, num_classes: int | None = None) -> torch.Tensor:
+    """Class indices: an int, a sequence of ints or an integer tensor (floats only when every
+    value is a whole number, so that 3.7 is never silently read as 3), each in
+    ``[0, num_classes)`` when ``num_classes`` is given. Returns a flat ``long`` tensor."""
+    if isinstance(labels, (bool, str)) or (isinstance(labels, torch.Tensor) and labels.dtype == torch.bool):
+        raise ValueError(f"{name} must hold integer class indices, got {labels!r}.")
+    try:
+        t = torch.as_tensor(labels).detach()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must hold integer class indices (an int, a list of ints or an integer tensor), got {labels!r}.") from exc
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must hold integer class indices, got dtype {t.dtype}.")
+    t = t.flatten()
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t) | (t != torch.round(t))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must hold integer class indices, got {t[bad][:3].tolist()}; round them first, or pass scores/probabilities of shape (N, K) where a function takes them.")
+    t = t.long()
+    if num_classes is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), got {t.tolist()[:8]}.")
+    return t
