@@ -5,11 +5,14 @@ Defined in :doc:`/book/02_single_image_dlg`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from dlgkit.checks import check_choice, check_number, check_positive_int, check_seed
 
 __all__ = ["LeNet", "ResNet", "init_uniform_", "has_non_smooth_activation", "warn_if_non_smooth"]
 
@@ -21,14 +24,20 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is not known; choose one of {sorted(_ACTIVATIONS)}.")
-    return _ACTIVATIONS[name]()
+    return _ACTIVATIONS[check_choice("activation", name, sorted(_ACTIVATIONS))]()
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draw from torch's CPU stream seeded with ``seed`` (PyTorch's layer initialisation uses it)
+    and put the caller's stream back afterwards: a seeded model never reseeds the caller's RNG.
+    ``seed=None`` draws from the caller's stream as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def init_uniform_(model: nn.Module, low: float = -0.5, high: float = 0.5, seed: int | None = None) -> nn.Module:
@@ -36,9 +45,10 @@ def init_uniform_(model: nn.Module, low: float = -0.5, high: float = 0.5, seed: 
 
     Returns the model so that the call can be chained. Defined in :doc:`/book/02_single_image_dlg`.
     """
+    low, high = check_number("low", low), check_number("high", high)
     if not low < high:
         raise ValueError(f"init_uniform_: need low < high, got low={low}, high={high}.")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator().manual_seed(check_seed("seed", seed)) if seed is not None else None
     with torch.no_grad():
         for param in model.parameters():
             noise = torch.rand(param.shape, generator=generator, dtype=param.dtype)
@@ -67,14 +77,17 @@ class LeNet(nn.Module):
         init: str = "uniform",
     ) -> None:
         super().__init__()
-        _check_positive("channels", channels)
-        _check_positive("num_classes", num_classes)
-        _check_positive("image_size", image_size)
-        if init not in ("uniform", "default"):
-            raise ValueError(f"init={init!r} is not known; choose 'uniform' (the paper) or 'default' (PyTorch's).")
-        if seed is not None:
-            torch.manual_seed(seed)
+        channels, num_classes = check_positive_int("channels", channels), check_positive_int("num_classes", num_classes)
+        image_size = check_positive_int("image_size", image_size)
+        check_choice("init", init, ("uniform", "default"))  # the paper's, or PyTorch's
+        seed = None if seed is None else check_seed("seed", seed)
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
+        with _seeded(seed):
+            self._build(channels, num_classes, image_size, activation)
+        if init == "uniform":
+            init_uniform_(self, seed=seed)
+
+    def _build(self, channels: int, num_classes: int, image_size: int, activation: str) -> None:
         self.body = nn.Sequential(
             nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
             _activation(activation),
@@ -86,8 +99,6 @@ class LeNet(nn.Module):
         side = (image_size + 1) // 2  # stride 2, padding 2, kernel 5
         side = (side + 1) // 2
         self.fc = nn.Linear(12 * side * side, num_classes)
-        if init == "uniform":
-            init_uniform_(self, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
@@ -134,20 +145,20 @@ class ResNet(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("channels", channels)
-        _check_positive("num_classes", num_classes)
-        if not widths:
-            raise ValueError("widths must name at least one stage width.")
+        channels, num_classes = check_positive_int("channels", channels), check_positive_int("num_classes", num_classes)
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+            raise ValueError(f"widths must be a non-empty tuple of positive ints, one channel count per stage, such as (16, 32, 64); got {widths!r}.")
+        widths = tuple(check_positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
+        seed = None if seed is None else check_seed("seed", seed)
         self.channels, self.num_classes = channels, num_classes
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.GroupNorm(1, widths[0]), _activation(activation))
-        stages, in_ch = [], widths[0]
-        for i, width in enumerate(widths):
-            stages.append(_BasicBlock(in_ch, width, stride=1 if i == 0 else 2, activation=activation))
-            in_ch = width
-        self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(in_ch, num_classes)
+        with _seeded(seed):
+            self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.GroupNorm(1, widths[0]), _activation(activation))
+            stages, in_ch = [], widths[0]
+            for i, width in enumerate(widths):
+                stages.append(_BasicBlock(in_ch, width, stride=1 if i == 0 else 2, activation=activation))
+                in_ch = width
+            self.stages = nn.Sequential(*stages)
+            self.head = nn.Linear(in_ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
