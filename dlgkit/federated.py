@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlgkit.budget import device_of
+from dlgkit.checks import check_choice, check_class_indices, check_finite_tensors, check_number, check_positive_int
 
 __all__ = ["SharedUpdate", "client_gradient", "client_update", "check_gradients", "Client", "Server", "soft_cross_entropy"]
 
@@ -31,13 +32,51 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.mean(torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1))
 
 
-def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_data(x: object, y: object) -> None:
+    """A client's data: an image batch ``x`` (N, ...) and ``y``, N class indices or N probability rows."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}.")
     if x.dim() < 2:
         raise ValueError(f"x must be a batch with a leading batch dimension, got shape {tuple(x.shape)}.")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels; they must match.")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0] if y.dim() else 'no'} labels; they must match.")
+    if x.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); a client needs at least one example.")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}; images are floats in [0, 1] (dlgkit.data.to_tensor).")
+    check_finite_tensors("x", x)
+    if y.dim() == 1:
+        check_class_indices("y", y)
+    elif y.dim() == 2:
+        if not y.is_floating_point():
+            raise ValueError(f"y of shape {tuple(y.shape)} must hold probability rows (floats); class indices have shape (N,).")
+        check_finite_tensors("y", y)
+    else:
+        raise ValueError(f"y must be class indices (N,) or probability rows (N, K), got shape {tuple(y.shape)}.")
+
+
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    _check_data(x, y)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """``loss_fn(model(x), y)``, with clear errors for input the model cannot take and, under
+    the default cross-entropy, for labels that do not fit its classes."""
+    try:
+        logits = model(x)
+    except RuntimeError as exc:
+        if "device" in str(exc):  # a device mix-up is the caller's placement, not a shape problem
+            raise
+        raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} ({str(exc).strip()}); pass images of the shape it was built for.") from exc
+    if loss_fn is soft_cross_entropy:
+        classes = logits.shape[-1]
+        if y.dim() == 1:
+            check_class_indices("labels", y, classes)
+        elif y.shape[-1] != classes:
+            raise ValueError(f"y holds probability rows over {y.shape[-1]} classes but the model has {classes} classes.")
+    return loss_fn(logits, y)
 
 
 def _on_model(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -75,7 +114,15 @@ class SharedUpdate:
     kind: str = "gradient"
     local_steps: int = 1
     lr: float | None = None
-    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tensors, torch.Tensor) or not isinstance(self.tensors, (list, tuple)):
+            raise TypeError(f"tensors must be a list of tensors (one per model parameter), got {type(self.tensors).__name__}.")
+        self.num_examples = check_positive_int("num_examples", self.num_examples, hint="The server weights each update by it.")
+        check_choice("kind", self.kind, ("gradient", "weights"))
+        self.local_steps = check_positive_int("local_steps", self.local_steps)
+        if self.lr is not None:
+            self.lr = check_number("lr", self.lr, low=0, low_open=True)
 
 
 def client_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = soft_cross_entropy) -> list[torch.Tensor]:
@@ -85,7 +132,7 @@ def client_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     _check_batch(model, x, y)
     x, y = _on_model(model, x, y)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model(x), y)
+    loss = _loss(model, x, y, loss_fn)
     return [g.detach().clone() for g in torch.autograd.grad(loss, params)]
 
 
@@ -96,19 +143,17 @@ def client_update(
     (FedAvg). With one step over the full batch this is ``-lr * gradient``.
     Defined in :doc:`/book/01_gradient_sharing`."""
     _check_batch(model, x, y)
-    if not isinstance(local_steps, int) or local_steps <= 0:
-        raise ValueError(f"local_steps must be a positive int, got {local_steps!r}.")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr!r}.")
+    local_steps = check_positive_int("local_steps", local_steps)
+    lr = check_number("lr", lr, low=0, low_open=True)
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=True, hint="None takes the whole batch.") or x.shape[0]
     x, y = _on_model(model, x, y)
-    batch_size = batch_size or x.shape[0]
     local = copy.deepcopy(model)
     opt = torch.optim.SGD(local.parameters(), lr=lr)
     for step in range(local_steps):
         start = (step * batch_size) % x.shape[0]
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         opt.zero_grad()
-        loss_fn(local(xb), yb).backward()
+        _loss(local, xb, yb, loss_fn).backward()
         opt.step()
     delta = [(new - old).detach() for new, old in zip(local.parameters(), model.parameters())]
     return SharedUpdate(delta, num_examples=int(x.shape[0]), kind="weights", local_steps=local_steps, lr=lr)
@@ -122,6 +167,10 @@ class Client:
     y: torch.Tensor
     batch_size: int | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def __post_init__(self) -> None:
+        _check_data(self.x, self.y)
+        self.batch_size = check_positive_int("batch_size", self.batch_size, allow_none=True, hint="None shares the whole local data set.")
 
     def share_gradient(self, model: nn.Module) -> SharedUpdate:
         """FedSGD: sample a batch, share the gradient of its mean loss."""
@@ -143,9 +192,9 @@ class Server:
     Defined in :doc:`/book/01_gradient_sharing`."""
 
     def __init__(self, model: nn.Module, lr: float = 0.1) -> None:
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr!r}.")
-        self.model, self.lr = model, lr
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model, self.lr = model, check_number("lr", lr, low=0, low_open=True)
         self.received: list[SharedUpdate] = []
 
     def aggregate(self, updates: Sequence[SharedUpdate]) -> list[torch.Tensor]:
@@ -166,8 +215,15 @@ class Server:
         ``mode="fedsgd"`` applies ``-lr * mean gradient``; ``mode="fedavg"`` adds the mean weight change.
         Returns the updates the server received (what an attacker at the server gets to see).
         """
-        if mode not in ("fedsgd", "fedavg"):
-            raise ValueError(f"mode must be 'fedsgd' or 'fedavg', got {mode!r}.")
+        check_choice("mode", mode, ("fedsgd", "fedavg"))
+        if isinstance(clients, Client) or not isinstance(clients, (list, tuple)):
+            raise TypeError(f"clients must be a list of Client objects (for one client: [client]), got {type(clients).__name__}.")
+        if not clients:
+            raise ValueError("clients is empty: a round needs at least one Client.")
+        for i, c in enumerate(clients):
+            if not isinstance(c, Client):
+                raise TypeError(f"clients[{i}] is a {type(c).__name__}, expected a dlgkit.federated.Client.")
+        local_steps = check_positive_int("local_steps", local_steps)
         if mode == "fedsgd":
             updates = [c.share_gradient(self.model) for c in clients]
         else:

