@@ -130,11 +130,11 @@ def check_unit_range(name: str, x: torch.Tensor, tol: float = 1e-6) -> None:
 def check_class_indices(name: str, labels: object, num_classes: int | None = None) -> torch.Tensor:
     """Class indices: an int, a sequence of ints or an integer tensor (floats only when every
     value is a whole number, so that 3.7 is never silently read as 3), each in
-    ``[0, num_classes)`` when ``num_classes`` is given. Returns a flat ``long`` tensor."""
+    ``[0, num_classes)`` when ``num_classes`` is given. Returns a flat ``long`` tensor on the CPU."""
     if isinstance(labels, (bool, str)) or (isinstance(labels, torch.Tensor) and labels.dtype == torch.bool):
         raise ValueError(f"{name} must hold integer class indices, got {labels!r}.")
     try:
-        t = torch.as_tensor(labels).detach()
+        t = torch.as_tensor(labels).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{name} must hold integer class indices (an int, a list of ints or an integer tensor), got {labels!r}.") from exc
     if t.dtype == torch.bool or t.is_complex():
