@@ -80,7 +80,7 @@ test-gpu: $(STAMP)
 	mkdir -p _build
 	set -o pipefail; $(BIN)/python scripts/run_notebooks.py --out _build/executed book solutions | tee _build/gpu-timings.txt
 
-## test-device: every notebook (quick budget) on the simulated GPU of scripts/simulated_cuda.py,
+## test-device: every notebook (quick budget) on the simulated GPU of tests/support/simulated_cuda.py,
 ## which fails wherever a chapter would mix CPU and CUDA tensors; for machines without a GPU.
 ## A chapter also fails if less than 80% of its tensor operations ran on the GPU. The exercise
 ## checks build their own small models on the CPU, so the solutions are only checked for mix-ups.

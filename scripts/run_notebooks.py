@@ -5,7 +5,7 @@
 Fails (exit 1) if any cell raises, an ``assert`` included. The budget follows
 ``DLGKIT_QUICK`` as everywhere else; the device is CUDA when PyTorch sees one.
 
-``--simulate-cuda`` runs every notebook on the stand-in GPU of ``scripts/simulated_cuda.py``
+``--simulate-cuda`` runs every notebook on the stand-in GPU of ``tests/support/simulated_cuda.py``
 (a first cell installs it in the kernel): on a machine without a GPU, this finds every place
 where a chapter would mix CPU and CUDA tensors, or hand a CUDA tensor to NumPy or matplotlib.
 """
@@ -21,9 +21,9 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-SCRIPTS = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "tests" / "support"  # where simulated_cuda.py lives
 SIMULATE = f"""import sys
-sys.path.insert(0, {str(SCRIPTS)!r})
+sys.path.insert(0, {str(SUPPORT)!r})
 import simulated_cuda
 simulated_cuda.install()"""
 REPORT = 'print("simulated GPU share:", simulated_cuda.cuda_share(), simulated_cuda.counts)'

@@ -1,6 +1,6 @@
 """Device placement, checked without a GPU.
 
-``scripts/simulated_cuda.py`` makes PyTorch see a CUDA device whose tensors compute on the CPU
+``tests/support/simulated_cuda.py`` makes PyTorch see a CUDA device whose tensors compute on the CPU
 but refuse, as a real GPU does, to meet CPU tensors in one operation, to become NumPy arrays,
 or to take a CPU random generator. Each test runs a piece of dlgkit with its model on that
 device and checks the result against the same call on the CPU: equal numbers mean the library
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import simulated_cuda  # noqa: E402
 
 from dlgkit import attacks, budget, data, defences, federated, metrics, models, viz  # noqa: E402

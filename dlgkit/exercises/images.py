@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dlgkit import attacks, data, federated, metrics, models
-from dlgkit.exercises._common import ExerciseFailure, _report, _require, _tensor
+from dlgkit.exercises._common import _report, _require, _tensor
 
 __all__ = [
     "check_shared_gradient",
