@@ -51,6 +51,8 @@ def _check_data(x: object, y: object) -> None:
         if not y.is_floating_point():
             raise ValueError(f"y of shape {tuple(y.shape)} must hold probability rows (floats); class indices have shape (N,).")
         check_finite_tensors("y", y)
+        if bool((y < 0).any()) or not torch.allclose(y.sum(dim=1), torch.ones((), dtype=y.dtype, device=y.device), atol=1e-3):
+            raise ValueError("y of shape (N, K) must hold probability rows (non-negative, each summing to 1); for logits pass y.softmax(dim=1), for class indices shape (N,).")
     else:
         raise ValueError(f"y must be class indices (N,) or probability rows (N, K), got shape {tuple(y.shape)}.")
 
