@@ -16,6 +16,8 @@ import random
 import numpy as np
 import torch
 
+from dlgkit.checks import check_positive_int
+
 __all__ = ["is_quick", "budget", "seed_everything", "default_device", "device_of", "resolve_device", "progress_enabled"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -44,9 +46,8 @@ def budget(full: int, quick: int) -> int:
     >>> budget(300, 50)  # doctest: +SKIP
     300
     """
-    for name, value in (("full", full), ("quick", quick)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"budget(): {name} must be a positive int, got {value!r}.")
+    full = check_positive_int("full", full, hint="budget(full, quick) takes two iteration counts.")
+    quick = check_positive_int("quick", quick, hint="budget(full, quick) takes two iteration counts.")
     return quick if is_quick() else full
 
 

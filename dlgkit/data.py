@@ -9,6 +9,7 @@ Defined in :doc:`/book/01_gradient_sharing` and :doc:`/book/02_single_image_dlg`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,12 @@ def _check_count(n: int, available: int, what: str) -> int:
     if n > available:
         raise ValueError(f"n={n} but only {available} {what} are available.")
     return n
+
+
+def _path(name: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file system path (str or pathlib.Path), got {type(value).__name__}.")
+    return Path(value)
 
 
 def _unit_float(a: np.ndarray, where: str) -> np.ndarray:
@@ -181,7 +188,7 @@ def photo_crops(n: int = 20, size: int = 32, scale: int = 4, seed: int = 0, num_
     """
     import skimage.data
 
-    size = _check_size(size)
+    size = check_positive_int("size", size, hint="Pass the pixels per side of each crop.")
     n = _check_count(n, 10**6, "crops")
     scale = check_positive_int("scale", scale, hint="Each crop covers size * scale pixels of a photo (4 is the default).")
     labels = None if num_classes is None else _labels(n, num_classes, seed)
@@ -246,7 +253,7 @@ def load_image(path: str | Path, size: int | None = 32, grey: bool = False) -> t
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     size = _check_size(size)
-    path = Path(path)
+    path = _path("path", path)
     if not path.is_file():
         raise FileNotFoundError(f"load_image: no file at {str(path)!r}.")
     try:
@@ -296,7 +303,7 @@ def torchvision_dataset(
         import torchvision
     except ImportError as exc:
         raise ImportError("torchvision_dataset needs torchvision: pip install torchvision") from exc
-    root = Path(root).expanduser()
+    root = _path("root", root).expanduser()
     existing = {p for p in (root, *root.parents) if p.exists()} | (set(root.iterdir()) if root.is_dir() else set())
     cls = getattr(torchvision.datasets, _TORCHVISION[key])
     try:

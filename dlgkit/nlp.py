@@ -102,7 +102,9 @@ class TextModel:
         if not texts:
             raise ValueError("no text given: pass a sentence or a non-empty list of sentences.")
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise TypeError(f"sentence {i} is a {type(t).__name__}, not a str; pass text (decode token ids first with TextModel.decode).")
+            if not t.strip():
                 raise ValueError(f"sentence {i} is empty: every sentence needs at least one word.")
             ids = self.tokenizer(t)["input_ids"]
             n = len(ids)
