@@ -217,7 +217,8 @@ class UnicodeTokenizer:
     """ROUGE's tokenizer for any script: NFKC-normalised, case-folded runs of letters and digits
     (so "café" stays one word, not "caf"), and each Chinese/Japanese character as a token of
     its own (those scripts write no spaces; character-level ROUGE is their usual choice). On
-    plain English it gives the same tokens as rouge-score's default tokenizer without stemming."""
+    plain English it gives the same tokens as rouge-score's default tokenizer without stemming.
+    Defined in :doc:`/book/04_text_dlg`."""
 
     _CJK = r"\u2e80-\u2fdf\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
     _TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")

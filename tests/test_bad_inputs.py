@@ -27,15 +27,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import dlgkit
 from dlgkit import attacks, budget, data, federated, metrics, models, viz
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
 
 DLGKIT_DIR = str(Path(dlgkit.__file__).resolve().parent)
 NAN = float("nan")
