@@ -299,11 +299,11 @@ def torchvision_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_TORCHVISION)}.")
     n = check_positive_int("n", n)
     size = _check_size(size)
+    root = _path("root", root).expanduser()
     try:
         import torchvision
     except ImportError as exc:
         raise ImportError("torchvision_dataset needs torchvision: pip install torchvision") from exc
-    root = _path("root", root).expanduser()
     existing = {p for p in (root, *root.parents) if p.exists()} | (set(root.iterdir()) if root.is_dir() else set())
     cls = getattr(torchvision.datasets, _TORCHVISION[key])
     try:

@@ -2,7 +2,9 @@
 ``rouge-score``, not hand-written).
 
 All image metrics take tensors of shape (C, H, W) or (N, C, H, W) with values in [0, 1]
-(``data_range=1``). Batch versions return one value per image.
+(``data_range=1``). Batch versions return one value per image. The original must be a clean
+image in [0, 1] (NaN, inf or 0-255 values are an error); a reconstruction with NaN or inf
+pixels (a diverged attack) scores NaN, never a success.
 Defined in :doc:`/book/02_single_image_dlg`.
 """
 
