@@ -435,6 +435,23 @@ def test_lenet_weights_do_not_depend_on_the_global_rng():
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))
 
 
+@pytest.mark.parametrize(
+    "build,total,absolute",
+    [
+        (lambda: models.LeNet(seed=0), 16.053644001483917, 21204.049215495586),
+        (lambda: models.LeNet(channels=1, num_classes=10, image_size=32, activation="relu", seed=0, init="default"), -0.9301671441339749, 376.86006300438066),
+        (lambda: models.ResNet(channels=1, num_classes=10, widths=(8, 16), seed=0), 63.8932636799982, 357.03845229805665),
+    ],
+    ids=["LeNet", "LeNet-default-init", "ResNet"],
+)
+def test_seeded_models_keep_the_weights_the_chapters_were_written_with(build, total, absolute):
+    # sums of the weights that LeNet/ResNet(seed=0) had when they still reseeded the global RNG
+    # (commit aff558a): keeping the caller's RNG must not change the chapters' models
+    params = [p.detach().double() for p in build().parameters()]
+    assert float(sum(p.sum() for p in params)) == pytest.approx(total, rel=1e-12)
+    assert float(sum(p.abs().sum() for p in params)) == pytest.approx(absolute, rel=1e-12)
+
+
 def test_offline_download_keeps_what_was_there(tmp_path):
     pytest.importorskip("torchvision")
     (tmp_path / "mine.txt").write_text("keep me")
