@@ -16,7 +16,8 @@ all: book
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+	# course: every chapter's and exercise's packages plus JupyterLab (as environment.yml); test: CI's tools
+	$(BIN)/python -m pip install -e ".[course,test]"
 	# ipywidgets 7 (as on Colab) beside the venv, for the test of the scrubber's fallback path
 	$(BIN)/python -m pip install --no-deps --target $(VENV)/ipywidgets7 "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
 	touch $(STAMP)
