@@ -82,15 +82,13 @@ def check_clip_per_example(fn: Callable) -> bool:
                 _require(g.shape == w.shape, f"tensor {i} has shape {tuple(g.shape)}, expected {tuple(w.shape)} (keep the example dimension).")
             if all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for g, w in zip(got, want)):
                 continue
+            per_tensor = [t * torch.clamp(max_norm / t.flatten(1).norm(dim=1), max=1.0).view(-1, *[1] * (t.dim() - 1)) for t in grads]
+            if all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for g, w in zip(got, per_tensor)):
+                raise ExerciseFailure(f"case {trial}: you clipped each tensor on its own; DP-SGD bounds the norm of an example's whole gradient (all tensors together).")
             got_norms = torch.sqrt(sum((g.flatten(1) ** 2).sum(1) for g in got))
             if bool((got_norms > max_norm * (1 + 1e-4)).any()):
                 raise ExerciseFailure(f"case {trial}: an example's clipped gradient has norm {float(got_norms.max()):.3g} > max_norm {max_norm:.3g}: clip each example's whole gradient, all tensors together.")
-            per_tensor = all(torch.allclose(g, w2, rtol=1e-4, atol=1e-6) for g, w2 in zip(got, [t * torch.clamp(max_norm / t.flatten(1).norm(dim=1), max=1.0).view(-1, *[1] * (t.dim() - 1)) for t in grads]))
-            raise ExerciseFailure(
-                f"case {trial}: wrong clipped gradients. "
-                + ("You clipped each tensor on its own; DP-SGD bounds the norm of an example's whole gradient (all tensors together)." if per_tensor
-                   else "Scale example k by min(1, max_norm / ||g_k||), where ||g_k|| is the norm over all its tensors; examples below the bound stay unchanged.")
-            )
+            raise ExerciseFailure(f"case {trial}: wrong clipped gradients. Scale example k by min(1, max_norm / ||g_k||), where ||g_k|| is the norm over all its tensors; examples below the bound stay unchanged.")
         return "Each example's whole gradient is clipped to max_norm on 3 private batches; the small ones are left alone."
 
     return _report("Exercise 5.2 (per-example clipping)", body)
