@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dlgkit-installed
 BOOK_FLAGS := -W -n --keep-going
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 -p no:randomly
 
-.PHONY: all install js book book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
+.PHONY: all install js book book-student book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
 
 all: book
 
@@ -61,6 +61,11 @@ book: $(STAMP) $(JS_STAMP)
 	DLGKIT_PROGRESS=0 $(BIN)/jupyter-book build . $(BOOK_FLAGS) 2>&1 | tee _build/book.log; \
 	{ grep -o '[^ /]*/[^ /]*\.ipynb: Executed notebook in [0-9.]* seconds' _build/book.log; \
 	  echo "whole build: $$(( $$(date +%s) - start )) s"; } | tee _build/book-timings.txt
+
+## book-student: the book without the solutions pages, for teachers who hand out the exercises
+## (same chapters, executed as in `make book`); HTML in _build/student/_build/html
+book-student: $(STAMP) $(JS_STAMP)
+	DLGKIT_PROGRESS=0 $(BIN)/python scripts/student_book.py --out _build/student
 
 ## test: everything CI checks, with the quick budget
 test: export DLGKIT_QUICK = 1
