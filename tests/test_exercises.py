@@ -295,6 +295,7 @@ def cheats() -> list[tuple[str, str, object, str]]:
         ("check_batch_leak", "largest rows", lambda g, b: g[0][(i := g[1].abs().argsort(descending=True)[:b])] / g[1][i, None], "recovered"),
         ("check_batch_leak", "nan", lambda g, b: torch.full((b, 64), float("nan")), "NaN"),
         ("check_batch_leak", "frames", lambda g, b: _walk_up("x"), ""),
+        ("check_label_from_gradient", "nan", lambda g: g.sum() * float("nan"), "an int"),
         ("check_label_from_gradient", "largest", lambda g: int(torch.argmax(g)), "sign"),
         ("check_label_from_gradient", "hard-coded", lambda g: 3, "sign"),
         ("check_label_from_gradient", "frames", lambda g: int(_walk_up("label")), ""),
@@ -314,12 +315,15 @@ def cheats() -> list[tuple[str, str, object, str]]:
         ("check_relu_attack", "nan", nan_image, "NaN"),
         ("check_relu_attack", "grey", lambda m, g, s, l: torch.full(s, 0.5), "PSNR"),
         ("check_align_batch", "library", lambda r, o: metrics.align(r, o), "dlgkit.metrics"),
+        ("check_align_batch", "nan", lambda r, o: torch.full((len(o),), float("nan")), "NaN"),
         ("check_align_batch", "identity", lambda r, o: torch.arange(len(o)), ""),
         ("check_align_batch", "frames", lambda r, o: torch.argsort(_walk_up("shuffle")), ""),
         ("check_align_batch", "greedy", _greedy_alignment, "Greedy"),
+        ("check_batch_label_set", "nan", lambda g, b: [float("nan")] * b, "whole numbers"),
         ("check_batch_label_set", "largest", lambda g, b: torch.argsort(g, descending=True)[:b].tolist(), "most negative"),
         ("check_batch_label_set", "frames", lambda g, b: _walk_up("y").tolist(), ""),
         ("check_batch_label_set", "hard-coded", lambda g, b: list(range(b)), ""),
+        ("check_batch_label_counts", "nan", lambda g, b: torch.full((b,), float("nan")), "NaN"),
         ("check_batch_label_counts", "distinct", lambda g, b: torch.argsort(g)[:b].tolist(), "target"),
         ("check_batch_label_counts", "frames", lambda g, b: _walk_up("y").tolist(), ""),
         ("check_bag_of_words", "largest rows", lambda g: g.norm(dim=1).argsort(descending=True)[:10], ""),
@@ -329,6 +333,7 @@ def cheats() -> list[tuple[str, str, object, str]]:
         ("check_span_test", "absolute", lambda g, c, r: (c - c @ (v := torch.linalg.svd(g, full_matrices=False)[2][:r].T) @ v.T).norm(dim=1), "relative"),
         ("check_span_test", "full rank", lambda g, c, r: (c - c @ (v := torch.linalg.svd(g, full_matrices=False)[2].T) @ v.T).norm(dim=1) / c.norm(dim=1), ""),
         ("check_span_test", "nan", lambda g, c, r: torch.full((len(c),), float("nan")), "NaN"),
+        ("check_sentence_from_span", "nan", lambda g, w, p: torch.full((8,), float("nan")), "NaN"),
         ("check_sentence_from_span", "frames", lambda g, w, p: _walk_up("sentence"), ""),
         ("check_sentence_from_span", "hard-coded", lambda g, w, p: [1] * 8, ""),
         ("check_prune", "library", defences.prune, "dlgkit.defences"),
@@ -358,10 +363,9 @@ def test_cheats_and_wrong_answers_fail(check, what, cheat, feedback):
     assert "❌" in output and feedback in output, output
 
 
-def test_every_check_meets_a_nan_cheat():
-    assert {c for c, _, _, f in CHEATS if f in ("NaN", "not a variance")} >= set(ALL_CHECKS) - {
-        "check_batch_label_set", "check_batch_label_counts", "check_batch_mixing_weights", "check_align_batch", "check_sentence_from_span", "check_label_from_gradient"
-    }
+def test_every_check_meets_a_nan_and_a_wrong_or_hard_coded_cheat():
+    assert {c for c, w, _, _ in CHEATS if w == "nan"} == set(ALL_CHECKS)
+    assert {c for c, w, _, _ in CHEATS if w != "nan"} == set(ALL_CHECKS)
 
 
 def test_helpers_do_not_touch_the_global_rng():

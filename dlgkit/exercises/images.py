@@ -8,6 +8,7 @@ the case's truth or with the check's own computation.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -92,7 +93,7 @@ def _as_int_list(value: object, what: str) -> list[int]:
     if isinstance(value, torch.Tensor):
         value = _tensor(value, what).flatten().tolist()
     _require(isinstance(value, (list, tuple)), f"return {what} as a list or tensor of ints, got {type(value).__name__}.")
-    _require(all(isinstance(v, int) or (isinstance(v, float) and v == int(v)) for v in value), f"{what} should be whole numbers, got {list(value)[:8]}.")
+    _require(all(isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v == int(v)) for v in value), f"{what} should be whole numbers, got {list(value)[:8]}.")
     return [int(v) for v in value]
 
 
