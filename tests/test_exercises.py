@@ -282,6 +282,8 @@ def cheats() -> list[tuple[str, str, object, str]]:
     nan_image = lambda m, g, s, l: torch.full(s, float("nan"))  # noqa: E731
     return [
         ("check_shared_gradient", "library", federated.client_gradient, "dlgkit.federated"),
+        ("check_shared_gradient", "the check's reference", lambda m, x, y: exercises.images._mlp_gradients(m, x, y), "dlgkit.exercises"),
+        ("check_span_test", "the check's reference", lambda g, c, r: exercises.text._distance_to_span(c, torch.linalg.svd(g)[2][:r]), "dlgkit.exercises"),
         ("check_shared_gradient", "zeros", lambda m, x, y: [torch.zeros_like(p) for p in m.parameters()], "off by"),
         ("check_shared_gradient", "nan", lambda m, x, y: [torch.full_like(p, float("nan")) for p in m.parameters()], "NaN"),
         ("check_shared_gradient", "sum loss", lambda m, x, y: list(torch.autograd.grad(torch.nn.functional.cross_entropy(m(x), y, reduction="sum"), list(m.parameters()))), "mean"),
