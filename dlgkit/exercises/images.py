@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -93,7 +94,7 @@ def _as_int_list(value: object, what: str) -> list[int]:
     if isinstance(value, torch.Tensor):
         value = _tensor(value, what).flatten().tolist()
     _require(isinstance(value, (list, tuple)), f"return {what} as a list or tensor of ints, got {type(value).__name__}.")
-    _require(all(isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v == int(v)) for v in value), f"{what} should be whole numbers, got {list(value)[:8]}.")
+    _require(all(isinstance(v, numbers.Integral) or (isinstance(v, float) and math.isfinite(v) and v == int(v)) for v in value), f"{what} should be whole numbers, got {list(value)[:8]}.")
     return [int(v) for v in value]
 
 
@@ -213,7 +214,7 @@ def check_label_from_gradient(fn: Callable) -> bool:
             x = torch.rand(1, 1, 16, 16, generator=generator)
             bias_grad = _gradients(model, x, torch.tensor([label]))[-1]
             got = call_student(fn, bias_grad.clone())
-            _require(isinstance(got, int) or (isinstance(got, torch.Tensor) and got.numel() == 1 and not got.is_floating_point()), f"return one label (an int), got {type(got).__name__}.")
+            _require(isinstance(got, numbers.Integral) or (isinstance(got, torch.Tensor) and got.numel() == 1 and not got.is_floating_point()), f"return one label (an int), got {type(got).__name__}.")
             if int(got) != label:
                 largest = int(got) == int(bias_grad.argmax())
                 raise ExerciseFailure(
