@@ -43,10 +43,11 @@ __all__ = [
 ]
 
 #: Exercise 2.3 passes at this PSNR (dB) on every private face; exercise 2.4 (ReLU) at ``RELU_TARGET_DB``
-#: on the mean of two (the chapter's L2 L-BFGS attack stays at 12 to 18 dB per face there, measured on
-#: 8 faces; a cosine distance with Adam, clamping and a small TV prior reaches 18.6 to 25.9 dB).
+#: on the mean of two (measured on this project's CPU: the L2 L-BFGS attack of exercise 2.3 stays at
+#: 12 to 18 dB per face there, 8 faces; the reference solution, a cosine distance with Adam,
+#: clamping, a small TV prior and the better of 2 starts, reaches 19.2 to 30.7 dB, 28 faces).
 DLG_TARGET_DB = 30.0
-RELU_TARGET_DB = 19.0
+RELU_TARGET_DB = 18.0
 #: Exercise 1.4 passes when at least this many of the batch's 8 inputs are recovered exactly.
 BATCH_LEAK_TARGET = 3
 #: Exercise 3.3 passes when at least this many of 10 private batches get their label counts exactly right.
