@@ -9,14 +9,15 @@ STAMP := $(VENV)/.dlgkit-installed
 BOOK_FLAGS := -W -n --keep-going
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 -p no:randomly
 
-.PHONY: all install js book book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
+.PHONY: all install js book book-student book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
 
 all: book
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+	# course: every chapter's and exercise's packages plus JupyterLab (as environment.yml); test: CI's tools
+	$(BIN)/python -m pip install -e ".[course,test]"
 	# ipywidgets 7 (as on Colab) beside the venv, for the test of the scrubber's fallback path
 	$(BIN)/python -m pip install --no-deps --target $(VENV)/ipywidgets7 "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
 	touch $(STAMP)
@@ -60,6 +61,11 @@ book: $(STAMP) $(JS_STAMP)
 	DLGKIT_PROGRESS=0 $(BIN)/jupyter-book build . $(BOOK_FLAGS) 2>&1 | tee _build/book.log; \
 	{ grep -o '[^ /]*/[^ /]*\.ipynb: Executed notebook in [0-9.]* seconds' _build/book.log; \
 	  echo "whole build: $$(( $$(date +%s) - start )) s"; } | tee _build/book-timings.txt
+
+## book-student: the book without the solutions pages, for teachers who hand out the exercises
+## (same chapters, executed as in `make book`); HTML in _build/student/_build/html
+book-student: $(STAMP) $(JS_STAMP)
+	DLGKIT_PROGRESS=0 $(BIN)/python scripts/student_book.py --out _build/student
 
 ## test: everything CI checks, with the quick budget
 test: export DLGKIT_QUICK = 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
 import importlib.util
 import io
 import re
@@ -21,15 +23,6 @@ make_exercises = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(make_exercises)
 
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
-
-
-def test_there_are_exercises_for_chapters_1_and_2():
-    names = [p.name for p in SOLUTIONS]
-    assert "ch01_gradient_sharing.ipynb" in names and "ch02_single_image_dlg.ipynb" in names
-    for path in SOLUTIONS[:2]:
-        nb = nbformat.read(path, as_version=4)
-        blocks = sum(c.source.count("### BEGIN SOLUTION") for c in nb.cells if c.cell_type == "code")
-        assert blocks >= 3, f"{path.name} has {blocks} exercises, expected at least 3"
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
@@ -86,7 +79,7 @@ def test_every_check_fails_on_its_stub(path, monkeypatch):
             assert "❌" in output and "not implemented yet" in output, output
         else:
             assert error is None, f"a non-check cell failed in the student notebook: {error!r}\n{source}"
-    assert checks >= 2
+    assert checks >= 3, f"{path.name} has {checks} checked exercises, expected at least 3"
 
 
 def test_generator_replaces_blocks_and_keeps_hints():
@@ -114,34 +107,286 @@ def test_generator_rejects_broken_markers(source, message):
         make_exercises.strip_solution(source)
 
 
-# --- the checks themselves judge real answers --------------------------------------------
 
-def _quiet(check, fn) -> bool:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return check(fn)
+# --- what the exercise notebooks ask and allow ----------------------------------------------
 
-
-def test_checks_reject_wrong_answers():
-    assert not _quiet(exercises.check_shared_gradient, lambda m, x, y: [torch.zeros_like(p) for p in m.parameters()])
-    assert not _quiet(exercises.check_input_from_linear_gradient, lambda w, b: w[0] / b[0])  # row 0 is dead in one trial
-    assert not _quiet(exercises.check_batch_mixing_weights, lambda m, x, y, row: torch.full((len(x),), 1 / len(x)))
-    assert not _quiet(exercises.check_label_from_gradient, lambda g: int(torch.argmax(g)))
-    assert not _quiet(exercises.check_gradient_matching_loss, lambda d, s: sum(((a - b) ** 2).sum() for a, b in zip(d, s)).detach())
-    assert not _quiet(exercises.check_dlg_attack, lambda m, g, shape, y: torch.rand(shape))
-    assert not _quiet(exercises.check_relu_attack, lambda m, g, shape, y: torch.zeros(shape))
+def _imports(source: str) -> set[str]:
+    code = "\n".join(line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
 
 
-def test_checks_explain_crashes():
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_each_chapter_has_three_exercises_one_open_and_says_what_may_be_used(path):
+    nb = nbformat.read(path, as_version=4)
+    headings = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Exercise")]
+    blocks = sum(c.source.count("### BEGIN SOLUTION") for c in nb.cells if c.cell_type == "code")
+    checks = [c.source for c in nb.cells if c.cell_type == "code" and "exercises.check_" in c.source]
+    assert len(headings) >= 3 and blocks >= 3 and len(checks) >= 3, f"{path.name}: {len(headings)} exercises, {blocks} solutions, {len(checks)} checks"
+    assert any("(open)" in h.splitlines()[0] for h in headings), f"{path.name} has no open exercise"
+    for heading in headings:
+        assert "*May use:*" in heading, f"{path.name}: {heading.splitlines()[0]!r} does not say what may be used"
+    for heading in (h for h in headings if "(open)" in h.splitlines()[0]):
+        assert "*Target:*" in heading, f"{path.name}: {heading.splitlines()[0]!r} has no measurable target"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "exercises").glob("*.ipynb")), ids=lambda p: p.name)
+def test_exercise_notebooks_import_no_library_piece_they_ask_for(path):
+    nb = nbformat.read(path, as_version=4)
+    imported = set().union(*(_imports(c.source) for c in nb.cells if c.cell_type == "code"))
+    library = {name for name in imported if name.startswith("dlgkit")}
+    assert library == {"dlgkit.exercises"}, f"{path.name} imports {sorted(library)}; the exercises are to write those pieces"
+
+
+def test_every_check_is_used_by_a_solution():
+    used = set()
+    for path in SOLUTIONS:
+        used |= set(re.findall(r"exercises\.(check_\w+)\(", path.read_text()))
+    checks = {name for name in exercises.__all__ if name.startswith("check_")}
+    assert checks == used, f"checks without an exercise: {sorted(checks - used)}; unknown: {sorted(used - checks)}"
+
+
+# --- the checks grade the student: references pass, stubs and cheats fail --------------------
+
+def _solution_namespace(name: str) -> dict:
+    """The reference functions of one solutions notebook (its check cells not run)."""
+    nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+    namespace: dict = {"__name__": "__solutions__"}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "remove-cell" not in cell.metadata.get("tags", []) and "exercises.check_" not in cell.source:
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(cell.source, name, "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    """check name -> the reference solution it is called with in solutions/."""
+    found = {}
+    for path in SOLUTIONS:
+        namespace = _solution_namespace(path.stem)
+        for check, function in re.findall(r"exercises\.(check_\w+)\((\w+)\)", path.read_text()):
+            found[check] = namespace[function]
+    return found
+
+
+def _run(check, fn) -> tuple[bool, str]:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        assert not exercises.check_label_from_gradient(lambda g: g.nonexistent())
-    assert "AttributeError" in buffer.getvalue()
+        passed = check(fn)
+    return passed, buffer.getvalue()
 
 
-def test_checks_accept_reference_answers():
-    from dlgkit import attacks, federated
+ALL_CHECKS = sorted(name for name in exercises.__all__ if name.startswith("check_"))
 
-    assert _quiet(exercises.check_shared_gradient, federated.client_gradient)
-    assert _quiet(exercises.check_input_from_linear_gradient, attacks.recover_linear_input)
-    assert _quiet(exercises.check_label_from_gradient, lambda g: int(torch.argmin(g)))
-    assert _quiet(exercises.check_gradient_matching_loss, lambda d, s: attacks.gradient_distance(d, s, "l2"))
+
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_reference_passes_and_leaves_the_global_rng_alone(check, references):
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    passed, output = _run(getattr(exercises, check), references[check])
+    assert passed, output
+    assert "✅" in output
+    assert torch.equal(before, torch.get_rng_state()), f"{check} changed the caller's global random state"
+
+
+def _tensors_in(value, depth: int = 0):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 2 and isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 2 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth + 1)
+
+
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_frames_above_the_students_code_hold_only_its_arguments(check, references):
+    """Walking up the frames from the student's function (f_back, as far as it goes) finds no
+    tensor other than the arguments it was given: the cases' truth is out of reach."""
+    reference = references[check]
+    leaks: list[str] = []
+
+    def spy(*args):
+        public = list(_tensors_in(list(args)))
+        frame = inspect.currentframe().f_back
+        while frame is not None:
+            for name, value in frame.f_locals.items():
+                for tensor in _tensors_in(value):
+                    if not any(tensor is p or (tensor.shape == p.shape and torch.equal(tensor, p)) for p in public):
+                        leaks.append(f"{frame.f_code.co_name}: {name} {tuple(tensor.shape)}")
+            frame = frame.f_back
+        return reference(*args)
+
+    passed, output = _run(getattr(exercises, check), spy)
+    assert passed, output
+    assert not leaks, f"{check}: frames above the student's code show tensors: {leaks[:5]}"
+
+
+def _walk_up(name: str):
+    """A cheat: the first local called ``name`` in any frame above the caller."""
+    frame = inspect.currentframe().f_back.f_back
+    while frame is not None:
+        if name in frame.f_locals:
+            return frame.f_locals[name]
+        frame = frame.f_back
+    raise LookupError(name)
+
+
+def _nan_like_first(*args):
+    return torch.full_like(next(a for a in args if isinstance(a, torch.Tensor)), float("nan"))
+
+
+def _dlg_without_create_graph(model, grads, shape, label):
+    dummy = torch.rand(shape).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([dummy])
+    params = list(model.parameters())
+
+    def closure():
+        optimizer.zero_grad()
+        dummy_grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(dummy), label), params)
+        distance = sum(((d - s) ** 2).sum() for d, s in zip(dummy_grads, grads))
+        distance.backward()
+        return distance
+
+    optimizer.step(closure)
+    return dummy.detach()
+
+
+def _greedy_alignment(reconstruction, original):
+    """Each original in turn takes its nearest reconstruction still free: a permutation, rarely the best."""
+    cost = ((reconstruction[:, None] - original[None]) ** 2).flatten(2).mean(2)
+    perm: list[int] = []
+    for j in range(len(original)):
+        perm.append(next(i for i in cost[:, j].argsort().tolist() if i not in perm))
+    return torch.tensor(perm)
+
+
+def _library():
+    from dlgkit import attacks, data, defences, federated, metrics
+    from dlgkit.attacks.text import span_residuals
+
+    return attacks, data, defences, federated, metrics, span_residuals
+
+
+def cheats() -> list[tuple[str, str, object, str]]:
+    """(check, what, cheat, expected fragment of the feedback); every one must fail."""
+    attacks, data, defences, federated, metrics, span_residuals = _library()
+    face = lambda *a: data.lfw_faces(1, size=16, start=3)[0]  # noqa: E731 - the issue's cheat
+    nan_image = lambda m, g, s, l: torch.full(s, float("nan"))  # noqa: E731
+    return [
+        ("check_shared_gradient", "library", federated.client_gradient, "dlgkit.federated"),
+        ("check_shared_gradient", "the check's reference", lambda m, x, y: exercises.images._mlp_gradients(m, x, y), "dlgkit.exercises"),
+        ("check_span_test", "the check's reference", lambda g, c, r: exercises.text._distance_to_span(c, torch.linalg.svd(g)[2][:r]), "dlgkit.exercises"),
+        ("check_shared_gradient", "zeros", lambda m, x, y: [torch.zeros_like(p) for p in m.parameters()], "off by"),
+        ("check_shared_gradient", "nan", lambda m, x, y: [torch.full_like(p, float("nan")) for p in m.parameters()], "NaN"),
+        ("check_shared_gradient", "sum loss", lambda m, x, y: list(torch.autograd.grad(torch.nn.functional.cross_entropy(m(x), y, reduction="sum"), list(m.parameters()))), "mean"),
+        ("check_input_from_linear_gradient", "library", attacks.recover_linear_input, "dlgkit.attacks"),
+        ("check_input_from_linear_gradient", "row 0", lambda w, b: w[0] / b[0], "zero bias gradient"),
+        ("check_input_from_linear_gradient", "frames", lambda w, b: _walk_up("x").reshape(-1), ""),
+        ("check_input_from_linear_gradient", "hard-coded", lambda w, b: torch.full((w.shape[1],), 0.5), "error"),
+        ("check_input_from_linear_gradient", "nan", _nan_like_first, "NaN"),
+        ("check_batch_mixing_weights", "uniform", lambda m, x, y, row: torch.full((len(x),), 1 / len(x)), "alpha"),
+        ("check_batch_mixing_weights", "nan", lambda m, x, y, row: torch.full((len(x),), float("nan")), "NaN"),
+        ("check_batch_leak", "largest rows", lambda g, b: g[0][(i := g[1].abs().argsort(descending=True)[:b])] / g[1][i, None], "recovered"),
+        ("check_batch_leak", "nan", lambda g, b: torch.full((b, 64), float("nan")), "NaN"),
+        ("check_batch_leak", "frames", lambda g, b: _walk_up("x"), ""),
+        ("check_label_from_gradient", "nan", lambda g: g.sum() * float("nan"), "an int"),
+        ("check_label_from_gradient", "largest", lambda g: int(torch.argmax(g)), "sign"),
+        ("check_label_from_gradient", "hard-coded", lambda g: 3, "sign"),
+        ("check_label_from_gradient", "frames", lambda g: int(_walk_up("label")), ""),
+        ("check_label_from_gradient", "library", lambda g: attacks.idlg_label(torch.nn.Linear(1, len(g)), [torch.zeros(len(g), 1), g]), "dlgkit.attacks"),
+        ("check_label_from_gradient", "crash", lambda g: g.nonexistent(), "AttributeError"),
+        ("check_gradient_matching_loss", "detached", lambda d, s: sum(((a - b) ** 2).sum() for a, b in zip(d, s)).detach(), "require grad"),
+        ("check_gradient_matching_loss", "library", lambda d, s: attacks.gradient_distance(d, s, "l2"), "dlgkit.attacks"),
+        ("check_gradient_matching_loss", "mean", lambda d, s: sum(((a - b) ** 2).sum() for a, b in zip(d, s)) / sum(a.numel() for a in d), "sum"),
+        ("check_gradient_matching_loss", "nan", lambda d, s: d[0].sum() * float("nan"), "NaN"),
+        ("check_gradient_matching_loss", "hard-coded", lambda d, s: d[0].sum() * 0 + 10.0, "expected"),
+        ("check_dlg_attack", "data set", face, "dlgkit.data"),
+        ("check_dlg_attack", "nan", nan_image, "NaN"),
+        ("check_dlg_attack", "random", lambda m, g, s, l: torch.rand(s), "PSNR"),
+        ("check_dlg_attack", "no create_graph", _dlg_without_create_graph, "create_graph=True"),
+        ("check_dlg_attack", "library", lambda m, g, s, l: attacks.gradient_distance(g, g, "l2") * torch.zeros(s), "dlgkit.attacks"),
+        ("check_relu_attack", "data set", face, "dlgkit.data"),
+        ("check_relu_attack", "nan", nan_image, "NaN"),
+        ("check_relu_attack", "grey", lambda m, g, s, l: torch.full(s, 0.5), "PSNR"),
+        ("check_align_batch", "library", lambda r, o: metrics.align(r, o), "dlgkit.metrics"),
+        ("check_align_batch", "nan", lambda r, o: torch.full((len(o),), float("nan")), "NaN"),
+        ("check_align_batch", "identity", lambda r, o: torch.arange(len(o)), ""),
+        ("check_align_batch", "frames", lambda r, o: torch.argsort(_walk_up("shuffle")), ""),
+        ("check_align_batch", "greedy", _greedy_alignment, "Greedy"),
+        ("check_batch_label_set", "nan", lambda g, b: [float("nan")] * b, "whole numbers"),
+        ("check_batch_label_set", "largest", lambda g, b: torch.argsort(g, descending=True)[:b].tolist(), "most negative"),
+        ("check_batch_label_set", "frames", lambda g, b: _walk_up("y").tolist(), ""),
+        ("check_batch_label_set", "hard-coded", lambda g, b: list(range(b)), ""),
+        ("check_batch_label_counts", "nan", lambda g, b: torch.full((b,), float("nan")), "NaN"),
+        ("check_batch_label_counts", "distinct", lambda g, b: torch.argsort(g)[:b].tolist(), "target"),
+        ("check_batch_label_counts", "frames", lambda g, b: _walk_up("y").tolist(), ""),
+        ("check_bag_of_words", "largest rows", lambda g: g.norm(dim=1).argsort(descending=True)[:10], ""),
+        ("check_bag_of_words", "hard-coded", lambda g: [1, 2, 3], ""),
+        ("check_bag_of_words", "nan", lambda g: torch.tensor([float("nan")]), "NaN"),
+        ("check_span_test", "library", lambda g, c, r: span_residuals(g, c, rank=r)[0], "dlgkit.attacks"),
+        ("check_span_test", "absolute", lambda g, c, r: (c - c @ (v := torch.linalg.svd(g, full_matrices=False)[2][:r].T) @ v.T).norm(dim=1), "relative"),
+        ("check_span_test", "full rank", lambda g, c, r: (c - c @ (v := torch.linalg.svd(g, full_matrices=False)[2].T) @ v.T).norm(dim=1) / c.norm(dim=1), ""),
+        ("check_span_test", "nan", lambda g, c, r: torch.full((len(c),), float("nan")), "NaN"),
+        ("check_sentence_from_span", "nan", lambda g, w, p: torch.full((8,), float("nan")), "NaN"),
+        ("check_sentence_from_span", "frames", lambda g, w, p: _walk_up("sentence"), ""),
+        ("check_sentence_from_span", "hard-coded", lambda g, w, p: [1] * 8, ""),
+        ("check_prune", "library", defences.prune, "dlgkit.defences"),
+        ("check_prune", "unchanged", lambda g, r: [t.clone() for t in g], "zeros"),
+        ("check_prune", "keeps the fraction", lambda g, r: [t * (t.abs() < t.abs().flatten().kthvalue(max(1, round(r * t.numel()))).values) for t in g], ""),
+        ("check_prune", "in place", lambda g, r: [t.mul_(0) for t in g], "changed the gradients"),
+        ("check_prune", "nan", lambda g, r: [t * float("nan") for t in g], "NaN"),
+        ("check_prune", "drops the signs", lambda g, r: [t.abs() * (t.abs() >= t.abs().median()) for t in g], ""),
+        ("check_clip_per_example", "per tensor", lambda g, c: [t * torch.clamp(c / t.flatten(1).norm(dim=1), max=1).view(-1, *[1] * (t.dim() - 1)) for t in g], "each tensor"),
+        ("check_clip_per_example", "whole batch", lambda g, c: [t * min(1.0, c / float(torch.sqrt(sum((u**2).sum() for u in g)))) for t in g], ""),
+        ("check_clip_per_example", "nan", lambda g, c: [t * float("nan") for t in g], "NaN"),
+        ("check_weakest_noise", "hard-coded", lambda *a: 1e-3, "not one of the variances"),
+        ("check_weakest_noise", "weakest", lambda attack, grid: grid[0], "not stopped"),
+        ("check_weakest_noise", "strongest", lambda attack, grid: grid[-1], "not the weakest"),
+        ("check_weakest_noise", "nan", lambda attack, grid: float("nan"), "not a variance"),
+        ("check_weakest_noise", "string", lambda attack, grid: "1e-3", "float"),
+    ]
+
+
+CHEATS = cheats()
+
+
+@pytest.mark.parametrize("check,what,cheat,feedback", CHEATS, ids=[f"{c}-{w}" for c, w, _, _ in CHEATS])
+def test_cheats_and_wrong_answers_fail(check, what, cheat, feedback):
+    passed, output = _run(getattr(exercises, check), cheat)
+    assert not passed, f"{check} accepted the {what!r} cheat:\n{output}"
+    assert "❌" in output and feedback in output, output
+
+
+def test_every_check_meets_a_nan_and_a_wrong_or_hard_coded_cheat():
+    assert {c for c, w, _, _ in CHEATS if w == "nan"} == set(ALL_CHECKS)
+    assert {c for c, w, _, _ in CHEATS if w != "nan"} == set(ALL_CHECKS)
+
+
+def test_helpers_do_not_touch_the_global_rng():
+    from dlgkit.exercises import images
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(0)
+    images._lenet(generator, classes=10)
+    images._mlp(generator)
+    images._private_face(generator)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_cases_differ_from_call_to_call(references):
+    """Fresh entropy: two runs of a check hand out different cases."""
+    seen: list[torch.Tensor] = []
+    record = lambda g: seen.append(g.clone()) or references["check_label_from_gradient"](g)  # noqa: E731
+    assert _run(exercises.check_label_from_gradient, record)[0]
+    assert _run(exercises.check_label_from_gradient, record)[0]
+    assert len(seen) == 12 and not torch.equal(seen[0], seen[6])
+    assert len({int(g.argmin()) for g in seen[:6]}) == 6, "the cases' answers should differ"

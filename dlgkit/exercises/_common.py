@@ -1,9 +1,25 @@
-"""Shared machinery of the exercise checks: reporting, and the failure type."""
+"""Shared machinery of the exercise checks: private cases, calling the student's function, reporting.
+
+How a check grades the student and not the library:
+
+- its cases are drawn inside the check from a generator seeded with fresh operating-system
+  entropy (:func:`fresh_generator`), so every run sees new inputs and no answer can be typed in;
+- the student's function runs in a thread of its own (:func:`call_student`): walking up the
+  frames from the student's code finds only the public arguments, never a case's truth, which
+  stays in the check's frames and is compared with the answer afterwards;
+- a call into a dlgkit module the exercise asks the student to write (the library's own
+  version, or the data set the private cases come from) fails the check;
+- answers are compared with the truth or with the check's own computation, never with the
+  dlgkit function the exercise replaces, and NaN or inf never passes.
+"""
 
 from __future__ import annotations
 
+import secrets
+import sys
+import threading
 import traceback
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -12,9 +28,79 @@ class ExerciseFailure(AssertionError):
     """Raised inside a check to report a wrong answer with an explanation."""
 
 
-def _report(name: str, body: Callable[[], str]) -> bool:
+#: dlgkit modules every exercise may use: the models the checks hand over run through them.
+#: (Not dlgkit.exercises: the checks' own references live there.)
+ALWAYS_ALLOWED = ("dlgkit.models", "dlgkit.checks", "dlgkit.budget")
+
+
+def fresh_generator() -> torch.Generator:
+    """A CPU generator seeded from the operating system's entropy: cases nobody can predict."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def randint(generator: torch.Generator, low: int, high: int) -> int:
+    """One integer in ``[low, high)`` from ``generator``."""
+    return int(torch.randint(low, high, (1,), generator=generator))
+
+
+class _Forbidden(BaseException):
+    """Raised into the student's code when it calls a module the exercise does not allow
+    (a BaseException, so that an ``except Exception`` in the student's code cannot swallow it)."""
+
+
+def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) -> object:
+    """``fn(*args)`` in a thread of its own, returning its result or raising its exception.
+
+    ``allow``: the dlgkit modules (by name prefix, besides :data:`ALWAYS_ALLOWED`) that ``fn``
+    may call; any other ``dlgkit`` or ``opacus`` call fails the check. ``None`` allows everything.
+    """
+    box: dict = {}
+    allowed = ALWAYS_ALLOWED + tuple(allow or ())
+
+    def hook(frame, event, arg):  # noqa: ANN001 - sys.setprofile's signature
+        if event == "call":
+            module = frame.f_globals.get("__name__") or ""
+            if module.startswith(("dlgkit", "opacus")) and not module.startswith(allowed):
+                box.setdefault("forbidden", f"{module}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}")
+                sys.setprofile(None)
+                raise _Forbidden(box["forbidden"])
+
+    def run() -> None:
+        if allow is not None:
+            sys.setprofile(hook)
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the checking thread
+            box["error"] = exc
+        finally:
+            sys.setprofile(None)
+
+    worker = threading.Thread(target=run, name="exercise", daemon=True)
+    worker.start()
     try:
-        detail = body()
+        while worker.is_alive():
+            worker.join(0.05)
+    except KeyboardInterrupt:
+        print("Interrupted: the check stops here; your function finishes its current call in the background.")
+        raise
+    if "forbidden" in box:
+        allowed_text = ", ".join(f"dlgkit.{m.split('.', 1)[1]}" for m in allow or ()) or "none of dlgkit's modules"
+        raise ExerciseFailure(
+            f"your function called {box['forbidden']}. This exercise asks you to write that piece "
+            f"yourself (allowed here: torch, numpy, scipy, your own functions, {allowed_text})."
+        )
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _report(name: str, body: Callable[[], str], hints: dict[str, str] | None = None) -> bool:
+    """Run a check's ``body``; print ✅ with its detail, or ❌ with what went wrong; return
+    True/False. ``hints`` maps a fragment of an exception's message to advice on the usual
+    mistake behind it. The caller's global random state is left as it was."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            detail = body()
     except NotImplementedError:
         print(f"❌ {name}: not implemented yet (the function still raises NotImplementedError).")
         return False
@@ -23,7 +109,8 @@ def _report(name: str, body: Callable[[], str]) -> bool:
         return False
     except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
         frame = traceback.extract_tb(exc.__traceback__)[-1]
-        print(f"❌ {name}: your function raised {type(exc).__name__}: {exc} (line {frame.lineno} of {frame.filename}).")
+        advice = next((text for key, text in (hints or {}).items() if key in str(exc)), "")
+        print(f"❌ {name}: your function raised {type(exc).__name__}: {exc} (line {frame.lineno} of {frame.filename}).{' ' + advice if advice else ''}")
         return False
     print(f"✅ {name}: passed. {detail}")
     return True
@@ -35,5 +122,15 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` as a finite tensor, or a failure that says what is wrong with it."""
     _require(isinstance(value, torch.Tensor), f"{what} should be a torch.Tensor, got {type(value).__name__}.")
-    return value  # type: ignore[return-value]
+    value = value.detach()  # type: ignore[union-attr]
+    if value.is_floating_point() or value.is_complex():
+        _require(bool(torch.isfinite(value).all()), f"{what} contains NaN or inf: a value that is not a number never passes.")
+    return value
+
+
+def _psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
+    """PSNR in dB for images in [0, 1] (the check's own formula; inputs already finite)."""
+    mse = float(((reconstruction.double() - original.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()

@@ -175,3 +175,20 @@ def test_chapters_link_their_exercises_and_colab(pages, chapter):
     number = stem[:2]
     assert f"exercises/ch{number}_" in html, f"{chapter} does not link its exercise notebook"
     assert f"colab.research.google.com/github/dlg-course/dlg-course/blob/main/exercises/ch{number}_" in html
+
+
+def test_colab_and_repository_links_have_a_clean_path(pages):
+    """Launch buttons open `.../blob/main/book/<page>.ipynb` (no `./` from path_to_book), and the
+    path is a notebook of this repository."""
+    found = []
+    for name in _chapter_pages(pages):
+        for a in pages[name].find_all("a", href=True):
+            href = a["href"]
+            if "colab.research.google.com" in href and "/book/" in href:
+                found.append(href)
+                assert "/./" not in href and "//book" not in href, f"{name}: {href}"
+                match = re.fullmatch(r"https://colab\.research\.google\.com/github/dlg-course/dlg-course/blob/main/(book/\d\d_[^/]+\.ipynb)", href)
+                assert match, f"{name}: unexpected Colab link {href}"
+                assert (ROOT / match.group(1)).is_file(), f"{name}: {href} names no notebook of the repository"
+                assert match.group(1) == name.replace(".html", ".ipynb"), f"{name}: its Colab button opens {match.group(1)}"
+    assert len(found) >= len(_chapter_pages(pages)), f"not every chapter has a Colab launch button: {found}"
