@@ -124,24 +124,65 @@ def scrubber_mode() -> str:
     return "stack" if major >= 8 and hasattr(ipywidgets, "Stack") else "callback"
 
 
-def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int = 4, interval: int = 300, mode: str = "auto", columns: int | None = None, captions: Sequence[str] | None = None):
+def scrubber(
+    history: Sequence[torch.Tensor],
+    iters: Sequence[int],
+    scale: int = 4,
+    interval: int = 300,
+    mode: str = "auto",
+    columns: int | None = None,
+    captions: Sequence[str] | None = None,
+    original: torch.Tensor | None = None,
+    losses: Sequence[float] | None = None,
+):
     """A Play button and slider that step through the reconstruction's snapshots.
 
     ``history`` holds (N, C, H, W) snapshots (a batch becomes one tiled frame, ``columns``
-    wide); ``iters`` their iteration numbers. ``mode="auto"`` picks :func:`scrubber_mode`;
-    ``"stack"`` and ``"callback"`` force a path. Returns an ``ipywidgets.VBox`` with the
-    attributes ``slider``, ``play``, ``mode`` and ``links`` (the browser-side links).
-    ``captions`` (HTML, one per snapshot) replace the default ``iter=k`` labels, for frames that
-    are not iterations (chapter 5 steps through defence strengths).
-    Defined in :doc:`/book/02_single_image_dlg`.
+    wide); ``iters`` their iteration numbers. With ``original`` (the ground truth, shaped like
+    a snapshot and in the same order) each frame shows the dummy on the left and the original
+    on the right, and its caption adds the frame's PSNR. With ``losses`` (the gradient distance
+    after each iteration, :attr:`AttackResult.losses <dlgkit.attacks.image.AttackResult>`) the
+    caption adds the gradient distance of the frame's iteration (``losses[k - 1]`` at
+    ``iter=k``; the starting noise at ``iter=0`` has none recorded).
+    ``mode="auto"`` picks :func:`scrubber_mode`; ``"stack"`` and ``"callback"`` force a path.
+    Returns an ``ipywidgets.VBox`` with the attributes ``slider``, ``play``, ``mode`` and
+    ``links`` (the browser-side links). ``captions`` (HTML, one per snapshot) replace the
+    default captions, for frames that are not iterations (chapter 5 steps through defence
+    strengths). Defined in :doc:`/book/02_single_image_dlg`.
     """
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
     if captions is not None and len(captions) != len(history):
         raise ValueError(f"captions ({len(captions)}) must give one caption per snapshot ({len(history)}).")
-    frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
-    labels = list(captions) if captions is not None else [f"<b>iter={it}</b>" for it in iters]
+    if original is not None and tuple(original.shape) != tuple(history[0].shape):
+        raise ValueError(f"original has shape {tuple(original.shape)}; it must be shaped like a snapshot, {tuple(history[0].shape)}.")
+    if losses is not None and max(iters) > len(losses):
+        raise ValueError(f"losses has {len(losses)} entries but the snapshots go up to iter={max(iters)}; pass the attack's losses.")
+    frames = [png_bytes(_frame(h, original, columns), scale=scale) for h in history]
+    if captions is not None:
+        return _frame_scrubber(frames, list(captions), "image", interval, mode)
+    labels = []
+    for h, it in zip(history, iters):
+        parts = [f"<b>iter={it}</b>"]
+        if losses is not None:
+            parts.append(f"gradient distance {losses[it - 1]:.2e}" if it > 0 else "gradient distance: starting noise")
+        if original is not None:
+            from dlgkit import metrics
+
+            parts.append(f"PSNR {float(torch.as_tensor(metrics.psnr(h, original.detach().cpu())).mean()):.1f} dB")
+            parts.append("dummy (left), original (right)")
+        labels.append(" &middot; ".join(parts))
     return _frame_scrubber(frames, labels, "image", interval, mode)
+
+
+def _frame(snapshot: torch.Tensor, original: torch.Tensor | None, columns: int | None) -> torch.Tensor:
+    """One scrubber frame: the tiled snapshot, and the tiled original to its right if given."""
+    dummy = image_grid(snapshot, columns=columns)
+    if original is None:
+        return dummy
+    truth = image_grid(original.detach().cpu(), columns=columns)
+    gap = torch.ones(dummy.shape[0], dummy.shape[1], max(2, dummy.shape[2] // 16))
+    return torch.cat([dummy, gap, truth], dim=2)
 
 
 def text_scrubber(pages: Sequence[str], iters: Sequence[int], interval: int = 500, mode: str = "auto"):
