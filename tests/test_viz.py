@@ -136,3 +136,16 @@ def test_scrubber_shows_the_original_and_each_frames_distance_and_psnr():
         viz.scrubber(history, iters, original=torch.ones(2, 1, 8, 8))
     with pytest.raises(ValueError, match="losses has 5 entries"):
         viz.scrubber(history, iters, losses=[1.0] * 5)
+
+
+def test_glue_records_plain_numbers_for_the_prose(monkeypatch):
+    recorded = {}
+    import myst_nb
+
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: recorded.update({name: (value, display)}))
+    assert viz.glue("psnr", np.float64(31.25)) == 31.25
+    assert viz.glue("rate", torch.tensor(0.5)) == 0.5
+    assert recorded == {"psnr": (31.25, False), "rate": (0.5, False)}
+    assert type(recorded["psnr"][0]) is float and f"{recorded['psnr'][0]!r}" == "31.25"  # text myst-nb can format
+    with pytest.raises(ValueError, match="psnr is nan"):
+        viz.glue("psnr", float("nan"))
