@@ -96,21 +96,23 @@ def show_pairs(originals: torch.Tensor, reconstructions: torch.Tensor, titles: S
 def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every: int | None = None, original: torch.Tensor | None = None, size: float = 1.3, max_frames: int = 10):
     """The DLG paper's figure: snapshots at iter=0, 10, 20, ... side by side, ground truth last.
 
-    ``history``/``iters`` come from an :class:`~dlgkit.attacks.image.AttackResult`. ``every`` keeps
-    snapshots whose iteration is a multiple of it (default: at most ``max_frames`` evenly
-    spaced, always the last). A batch is shown one row per image.
+    ``history``/``iters`` come from an :class:`~dlgkit.attacks.image.AttackResult`. Frames are
+    evenly spaced, as in the paper: those whose iteration is a multiple of ``every`` (default:
+    the smallest of 1, 2, 5, 10, 20, 50, ... times the snapshot spacing that shows at most
+    ``max_frames``), and always the last snapshot, where the attack stopped. A batch is shown
+    one row per image.
     """
     import matplotlib.pyplot as plt
 
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
-    chosen = list(range(len(iters)))
-    if every is not None:
-        chosen = [k for k in chosen if iters[k] % every == 0]
+    if every is None:
+        every = _even_step(list(iters), max_frames)
+    chosen = [k for k in range(len(iters)) if iters[k] % every == 0]
     if len(chosen) > max_frames:
         step = (len(chosen) - 1) / (max_frames - 1)
         chosen = sorted({chosen[round(j * step)] for j in range(max_frames)})
-    if chosen[-1] != len(iters) - 1:
+    if not chosen or chosen[-1] != len(iters) - 1:
         chosen.append(len(iters) - 1)
     rows = history[0].shape[0]
     cols = len(chosen) + (original is not None)
@@ -123,6 +125,20 @@ def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every
             _imshow(axes[r, -1], original[r], "ground truth" if r == 0 else None)
     fig.tight_layout()
     return fig
+
+
+def _even_step(iters: list[int], max_frames: int) -> int:
+    """The smallest round step (1, 2, 5, 10, ... times the snapshot spacing) whose multiples
+    among ``iters``, plus the last snapshot, make at most ``max_frames`` frames."""
+    spacing = min((b - a for a, b in zip(iters, iters[1:]) if b > a), default=1)
+    factor = 1
+    while True:
+        for m in (1, 2, 5):
+            step = spacing * m * factor
+            frames = sum(i % step == 0 for i in iters) + (iters[-1] % step != 0)
+            if frames <= max_frames:
+                return step
+        factor *= 10
 
 
 def png_bytes(t: torch.Tensor, scale: int = 4) -> bytes:

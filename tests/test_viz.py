@@ -149,3 +149,15 @@ def test_glue_records_plain_numbers_for_the_prose(monkeypatch):
     assert type(recorded["psnr"][0]) is float and f"{recorded['psnr'][0]!r}" == "31.25"  # text myst-nb can format
     with pytest.raises(ValueError, match="psnr is nan"):
         viz.glue("psnr", float("nan"))
+
+
+def test_iteration_strip_is_evenly_spaced_and_ends_where_the_attack_stopped():
+    history = [torch.rand(1, 1, 4, 4) for _ in range(14)]
+    iters = list(range(14))  # a run that stopped after 13 iterations, a snapshot each
+    fig = viz.iteration_strip(history, iters, max_frames=8)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["iter=0", "iter=2", "iter=4", "iter=6", "iter=8", "iter=10", "iter=12", "iter=13"]
+    fig = viz.iteration_strip(history[:11], [10 * k for k in range(11)], max_frames=8)
+    assert [ax.get_title() for ax in fig.axes] == ["iter=0", "iter=20", "iter=40", "iter=60", "iter=80", "iter=100"]
+    fig = viz.iteration_strip(history, iters, every=5)
+    assert [ax.get_title() for ax in fig.axes] == ["iter=0", "iter=5", "iter=10", "iter=13"]
