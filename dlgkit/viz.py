@@ -22,8 +22,9 @@ __all__ = ["glue", "to_numpy_image", "image_grid", "show_pairs", "iteration_stri
 
 
 def glue(name: str, value) -> float | int | str:
-    """Record ``value`` under ``name`` for the page's prose to quote (myst-nb's
-    ``{glue:text}`name:.1f``` role), so a rebuild cannot leave a stale number in the text.
+    """Record ``value`` under ``name`` for the page's prose to quote with myst-nb's
+    ``glue:text`` role (for example with the format ``name:.1f``), so that a rebuild cannot
+    leave a stale number in the text.
 
     Uses myst-nb's ``glue`` (installed with the book build) without displaying anything; where
     myst-nb is absent (Colab, a plain Jupyter) it records nothing. Returns ``value``, a NumPy
@@ -179,7 +180,7 @@ def scrubber(
     wide); ``iters`` their iteration numbers. With ``original`` (the ground truth, shaped like
     a snapshot and in the same order) each frame shows the dummy on the left and the original
     on the right, and its caption adds the frame's PSNR. With ``losses`` (the gradient distance
-    after each iteration, :attr:`AttackResult.losses <dlgkit.attacks.image.AttackResult>`) the
+    after each iteration: ``losses`` of :class:`~dlgkit.attacks.image.AttackResult`) the
     caption adds the gradient distance of the frame's iteration (``losses[k - 1]`` at
     ``iter=k``; the starting noise at ``iter=0`` has none recorded).
     ``mode="auto"`` picks :func:`scrubber_mode`; ``"stack"`` and ``"callback"`` force a path.
