@@ -131,8 +131,13 @@ class _BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A small ResNet (one basic block per stage, GroupNorm) for the "deeper network" contrast.
 
-    ``widths`` sets the channels of each stage; every stage after the first halves the
-    resolution. GroupNorm (not BatchNorm) keeps a single-example gradient well defined.
+    ``widths`` sets the channels of each stage and ``blocks`` the basic blocks per stage
+    (ResNet-56 has three stages of nine). With ``strides=True`` every stage after the first
+    halves the resolution and the classifier sees the global average of the last feature map.
+    ``strides=False`` is the variant the DLG paper attacks (sigmoid, strides removed): the
+    resolution stays ``image_size`` throughout and, as in the paper's code, the classifier sees
+    the feature map averaged over 4x4 windows (an 8x8 map for 32x32 inputs), so it keeps where
+    things are. GroupNorm (not BatchNorm) keeps a single-example gradient well defined.
     Defined in :doc:`/book/02_single_image_dlg`.
     """
 
@@ -143,27 +148,40 @@ class ResNet(nn.Module):
         widths: tuple[int, ...] = (16, 32, 64),
         activation: str = "sigmoid",
         seed: int | None = None,
+        strides: bool = True,
+        blocks: int = 1,
+        image_size: int = 32,
     ) -> None:
         super().__init__()
         channels, num_classes = check_positive_int("channels", channels), check_positive_int("num_classes", num_classes)
+        blocks = check_positive_int("blocks", blocks)
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
             raise ValueError(f"widths must be a non-empty tuple of positive ints, one channel count per stage, such as (16, 32, 64); got {widths!r}.")
         widths = tuple(check_positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
         seed = None if seed is None else check_seed("seed", seed)
+        image_size = check_positive_int("image_size", image_size)
+        if not strides and image_size % 4:
+            raise ValueError(f"strides=False pools 4x4 windows: image_size must be a positive multiple of 4, got {image_size!r}.")
         self.channels, self.num_classes = channels, num_classes
+        self.strides, self.image_size = strides, image_size
         with _seeded(seed):
             self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.GroupNorm(1, widths[0]), _activation(activation))
             stages, in_ch = [], widths[0]
             for i, width in enumerate(widths):
-                stages.append(_BasicBlock(in_ch, width, stride=1 if i == 0 else 2, activation=activation))
-                in_ch = width
+                for b in range(blocks):
+                    stages.append(_BasicBlock(in_ch, width, stride=2 if strides and i > 0 and b == 0 else 1, activation=activation))
+                    in_ch = width
             self.stages = nn.Sequential(*stages)
-            self.head = nn.Linear(in_ch, num_classes)
+            self.head = nn.Linear(in_ch if strides else in_ch * (image_size // 4) ** 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"ResNet expects input of shape (N, {self.channels}, H, W), got {tuple(x.shape)}.")
+        if not self.strides and tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"this ResNet (strides=False) was built for {self.image_size}x{self.image_size} inputs, got {tuple(x.shape)}.")
         features = self.stages(self.stem(x))
+        if not self.strides:
+            return self.head(nn.functional.avg_pool2d(features, 4).flatten(1))
         return self.head(features.mean(dim=(2, 3)))
 
 

@@ -12,6 +12,7 @@ Defined in :doc:`/book/02_single_image_dlg`.
 from __future__ import annotations
 
 import io
+import math
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,29 @@ import torch
 
 from dlgkit.checks import check_choice, check_nonnegative_int, check_positive_int
 
-__all__ = ["to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
+__all__ = ["glue", "to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
+
+
+def glue(name: str, value) -> float | int | str:
+    """Record ``value`` under ``name`` for the page's prose to quote with myst-nb's
+    ``glue:text`` role (for example with the format ``name:.1f``), so that a rebuild cannot
+    leave a stale number in the text.
+
+    Uses myst-nb's ``glue`` (installed with the book build) without displaying anything; where
+    myst-nb is absent (Colab, a plain Jupyter) it records nothing. Returns ``value``, a NumPy
+    or PyTorch scalar as a plain Python number (whose text myst-nb can format).
+    Defined in :doc:`/book/01_gradient_sharing`.
+    """
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"glue: {name} is {value}; the prose would quote a number that is not one.")
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=False)
+    return value
 
 
 def to_numpy_image(t: torch.Tensor) -> np.ndarray:
@@ -77,9 +100,11 @@ def show_pairs(originals: torch.Tensor, reconstructions: torch.Tensor, titles: S
 def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every: int | None = None, original: torch.Tensor | None = None, size: float = 1.3, max_frames: int = 10):
     """The DLG paper's figure: snapshots at iter=0, 10, 20, ... side by side, ground truth last.
 
-    ``history``/``iters`` come from an :class:`~dlgkit.attacks.image.AttackResult`. ``every`` keeps
-    snapshots whose iteration is a multiple of it (default: at most ``max_frames`` evenly
-    spaced, always the last). A batch is shown one row per image.
+    ``history``/``iters`` come from an :class:`~dlgkit.attacks.image.AttackResult`. Frames are
+    evenly spaced, as in the paper: those whose iteration is a multiple of ``every`` (default:
+    the smallest of 1, 2, 5, 10, 20, 50, ... times the snapshot spacing that shows at most
+    ``max_frames``), and always the last snapshot, where the attack stopped. A batch is shown
+    one row per image.
     """
     import matplotlib.pyplot as plt
 
@@ -89,9 +114,9 @@ def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every
     max_frames = check_positive_int("max_frames", max_frames)
     if max_frames < 2:
         raise ValueError(f"max_frames must be at least 2 (the first and the last snapshot), got {max_frames}.")
-    chosen = list(range(len(iters)))
-    if every is not None:
-        chosen = [k for k in chosen if iters[k] % every == 0]
+    if every is None:
+        every = _even_step(list(iters), max_frames)
+    chosen = [k for k in range(len(iters)) if iters[k] % every == 0]
     if len(chosen) > max_frames:
         step = (len(chosen) - 1) / (max_frames - 1)
         chosen = sorted({chosen[round(j * step)] for j in range(max_frames)})
@@ -108,6 +133,20 @@ def iteration_strip(history: Sequence[torch.Tensor], iters: Sequence[int], every
             _imshow(axes[r, -1], original[r], "ground truth" if r == 0 else None)
     fig.tight_layout()
     return fig
+
+
+def _even_step(iters: list[int], max_frames: int) -> int:
+    """The smallest round step (1, 2, 5, 10, ... times the snapshot spacing) whose multiples
+    among ``iters``, plus the last snapshot, make at most ``max_frames`` frames."""
+    spacing = min((b - a for a, b in zip(iters, iters[1:]) if b > a), default=1)
+    factor = 1
+    while True:
+        for m in (1, 2, 5):
+            step = spacing * m * factor
+            frames = sum(i % step == 0 for i in iters) + (iters[-1] % step != 0)
+            if frames <= max_frames:
+                return step
+        factor *= 10
 
 
 def png_bytes(t: torch.Tensor, scale: int = 4) -> bytes:
@@ -132,25 +171,66 @@ def scrubber_mode() -> str:
     return "stack" if major >= 8 and hasattr(ipywidgets, "Stack") else "callback"
 
 
-def scrubber(history: Sequence[torch.Tensor], iters: Sequence[int], scale: int = 4, interval: int = 300, mode: str = "auto", columns: int | None = None, captions: Sequence[str] | None = None):
+def scrubber(
+    history: Sequence[torch.Tensor],
+    iters: Sequence[int],
+    scale: int = 4,
+    interval: int = 300,
+    mode: str = "auto",
+    columns: int | None = None,
+    captions: Sequence[str] | None = None,
+    original: torch.Tensor | None = None,
+    losses: Sequence[float] | None = None,
+):
     """A Play button and slider that step through the reconstruction's snapshots.
 
     ``history`` holds (N, C, H, W) snapshots (a batch becomes one tiled frame, ``columns``
-    wide); ``iters`` their iteration numbers. ``mode="auto"`` picks :func:`scrubber_mode`;
-    ``"stack"`` and ``"callback"`` force a path. Returns an ``ipywidgets.VBox`` with the
-    attributes ``slider``, ``play``, ``mode`` and ``links`` (the browser-side links).
-    ``captions`` (HTML, one per snapshot) replace the default ``iter=k`` labels, for frames that
-    are not iterations (chapter 5 steps through defence strengths).
-    Defined in :doc:`/book/02_single_image_dlg`.
+    wide); ``iters`` their iteration numbers. With ``original`` (the ground truth, shaped like
+    a snapshot and in the same order) each frame shows the dummy on the left and the original
+    on the right, and its caption adds the frame's PSNR. With ``losses`` (the gradient distance
+    after each iteration: ``losses`` of :class:`~dlgkit.attacks.image.AttackResult`) the
+    caption adds the gradient distance of the frame's iteration (``losses[k - 1]`` at
+    ``iter=k``; the starting noise at ``iter=0`` has none recorded).
+    ``mode="auto"`` picks :func:`scrubber_mode`; ``"stack"`` and ``"callback"`` force a path.
+    Returns an ``ipywidgets.VBox`` with the attributes ``slider``, ``play``, ``mode`` and
+    ``links`` (the browser-side links). ``captions`` (HTML, one per snapshot) replace the
+    default captions, for frames that are not iterations (chapter 5 steps through defence
+    strengths). Defined in :doc:`/book/02_single_image_dlg`.
     """
     if len(history) == 0 or len(history) != len(iters):
         raise ValueError(f"history ({len(history)} snapshots) and iters ({len(iters)}) must be non-empty and of equal length.")
     scale, interval = check_positive_int("scale", scale), check_positive_int("interval", interval, hint="Milliseconds per snapshot.")
     if captions is not None and len(captions) != len(history):
         raise ValueError(f"captions ({len(captions)}) must give one caption per snapshot ({len(history)}).")
-    frames = [png_bytes(image_grid(h, columns=columns), scale=scale) for h in history]
-    labels = list(captions) if captions is not None else [f"<b>iter={it}</b>" for it in iters]
+    if original is not None and tuple(original.shape) != tuple(history[0].shape):
+        raise ValueError(f"original has shape {tuple(original.shape)}; it must be shaped like a snapshot, {tuple(history[0].shape)}.")
+    if losses is not None and max(iters) > len(losses):
+        raise ValueError(f"losses has {len(losses)} entries but the snapshots go up to iter={max(iters)}; pass the attack's losses.")
+    frames = [png_bytes(_frame(h, original, columns), scale=scale) for h in history]
+    if captions is not None:
+        return _frame_scrubber(frames, list(captions), "image", interval, mode)
+    labels = []
+    for h, it in zip(history, iters):
+        parts = [f"<b>iter={it}</b>"]
+        if losses is not None:
+            parts.append(f"gradient distance {losses[it - 1]:.2e}" if it > 0 else "gradient distance: starting noise")
+        if original is not None:
+            from dlgkit import metrics
+
+            parts.append(f"PSNR {float(torch.as_tensor(metrics.psnr(h, original.detach().cpu())).mean()):.1f} dB")
+            parts.append("dummy (left), original (right)")
+        labels.append(" &middot; ".join(parts))
     return _frame_scrubber(frames, labels, "image", interval, mode)
+
+
+def _frame(snapshot: torch.Tensor, original: torch.Tensor | None, columns: int | None) -> torch.Tensor:
+    """One scrubber frame: the tiled snapshot, and the tiled original to its right if given."""
+    dummy = image_grid(snapshot, columns=columns)
+    if original is None:
+        return dummy
+    truth = image_grid(original.detach().cpu(), columns=columns)
+    gap = torch.ones(dummy.shape[0], dummy.shape[1], max(2, dummy.shape[2] // 16))
+    return torch.cat([dummy, gap, truth], dim=2)
 
 
 def text_scrubber(pages: Sequence[str], iters: Sequence[int], interval: int = 500, mode: str = "auto"):

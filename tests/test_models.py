@@ -62,3 +62,21 @@ def test_lenet_default_init_keeps_pytorch_initialisation():
     assert float(default.fc.weight.abs().max()) < 0.1 < float(paper.fc.weight.abs().max())
     with pytest.raises(ValueError, match="init"):
         models.LeNet(init="xavier")
+
+
+def test_resnet_without_strides_is_the_papers_variant():
+    strided = models.ResNet(channels=1, num_classes=10, widths=(4, 8), seed=0)
+    paper = models.ResNet(channels=1, num_classes=10, widths=(4, 8), seed=0, strides=False, blocks=2)
+    assert sum(isinstance(m, models._BasicBlock) for m in paper.modules()) == 4  # two blocks per stage
+    assert all(m.stride == (1, 1) for m in paper.modules() if isinstance(m, torch.nn.Conv2d))
+    assert any(m.stride == (2, 2) for m in strided.modules() if isinstance(m, torch.nn.Conv2d))
+    # the classifier sees the last 32x32 map averaged over 4x4 windows: 8 channels x 8 x 8
+    assert paper.head.in_features == 8 * 8 * 8 and strided.head.in_features == 8
+    x = torch.rand(2, 1, 32, 32)
+    assert paper(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="32x32 inputs"):
+        paper(torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        models.ResNet(channels=1, strides=False, image_size=30)
+    with pytest.raises(ValueError, match="blocks"):
+        models.ResNet(channels=1, blocks=0)
