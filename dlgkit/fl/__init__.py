@@ -29,6 +29,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("dlgkit.fl needs Flower: pip install 'dlgkit[flower]' (Python >= 3.11), or pip install 'flwr[simulation]==1.42.0'.") from err
 
 from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
+from dlgkit.fl.server_app import ClientUpdate, CuriousFedAvg
+from dlgkit.fl.simulation import simulate
 from dlgkit.fl.task import FLSettings, load_partition, make_model, partition
 
-__all__ = ["tensors_to_record", "record_to_tensors", "FLSettings", "make_model", "partition", "load_partition"]
+__all__ = ["tensors_to_record", "record_to_tensors", "FLSettings", "make_model", "partition", "load_partition", "ClientUpdate", "CuriousFedAvg", "simulate"]
