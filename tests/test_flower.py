@@ -235,3 +235,139 @@ def test_simulation_runs_offline_and_returns_what_the_server_saw():
     second = [u for u in updates if u.server_round == 2][0]
     applied = [w + (a + b) / 2 for w, a, b in zip(first[0].global_params, first[0].tensors, first[1].tensors)]
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(second.global_params, applied))
+
+
+# --- Flower's deployment engine: a SuperLink and two SuperNodes as real processes -----------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import dlgkit  # noqa: E402
+
+RUN_LIMIT_S = 150  # the whole run; a plain one-round run takes about 10-40 s on 2 busy cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the SuperLink exited early with code {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {limit_s} s")
+
+
+def _marked(token: str) -> list[int]:
+    """Live (non-zombie) processes whose environment holds ``DLGKIT_FLOWER_TEST=token``: the
+    processes this test started and every process they started in turn (flower-superexec,
+    flwr-serverapp, flwr-clientapp), even those that left the process group or lost their parent."""
+    marker = f"DLGKIT_FLOWER_TEST={token}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _stop(procs: list[subprocess.Popen], token: str, limit_s: float = 30) -> list[int]:
+    """SIGTERM every started process and wait until no process of this test is left; SIGKILL
+    what remains after ``limit_s`` and return those PIDs (empty: everything ended on SIGTERM)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + limit_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    while time.monotonic() < deadline and _marked(token):
+        time.sleep(0.2)
+    left = _marked(token)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        if p.poll() is None:
+            p.wait(timeout=10)
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the started processes in /proc")
+def test_deployment_engine_runs_the_app_on_localhost(tmp_path):
+    package_root = Path(dlgkit.__file__).resolve().parent
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "DLGKIT_FLOWER_TEST": str(tmp_path),  # marks every process of this test, see _marked
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),  # flower-superexec, flwr-*app
+        "PYTHONPATH": os.pathsep.join([str(package_root.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    app = tmp_path / "app"  # a copy: `flwr run` may rewrite the app's pyproject.toml
+    shutil.copytree(package_root / "flower_app", app)
+    link = _free_port()
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    record = tmp_path / "updates.pt"
+    logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "node0", "node1", "run")}
+    procs: list[subprocess.Popen] = []
+
+    def start(name, *args):
+        with open(logs[name], "w") as log:
+            procs.append(subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return procs[-1]
+
+    def tails() -> str:
+        return "\n".join(f"--- {name} ---\n" + (p.read_text()[-1500:] if p.exists() else "") for name, p in logs.items())
+
+    try:
+        superlink = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link), "--disable-runtime-dependency-installation")
+        try:
+            _wait_for_port(link, superlink)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; logs:\n{tails()}") from None
+        for pid in (0, 1):
+            start(f"node{pid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(_free_port()), "--node-config", f"partition-id={pid} num-partitions=2")
+        with open(logs["run"], "w") as log:  # --stream: returns when the run ends; its exit code says nothing about the run
+            subprocess.run([str(bin_dir / "flwr"), "run", str(app), "local", "--stream", "--run-config", f"record-file='{record}'"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, timeout=RUN_LIMIT_S)
+        assert record.exists(), f"the ServerApp wrote no updates; logs:\n{tails()}"
+        updates, final = server_app.load_updates(record)
+    finally:
+        left = _stop(procs, str(tmp_path))
+    assert not left, f"processes {left} survived SIGTERM (killed now)"
+
+    settings = task.FLSettings.from_config(dict(_app_config(app)))
+    assert sorted(u.partition_id for u in updates) == [0, 1] and len({u.node_id for u in updates}) == 2
+    assert all(u.server_round == 1 and u.kind == "weights" and u.settings == settings for u in updates)
+    for u in updates:  # each reply is the client's FedAvg update on its own partition
+        x, y = task.load_partition(settings, u.partition_id, 2)
+        expected = federated.client_update(u.global_model(), x, y, lr=settings.lr, local_steps=settings.local_steps, batch_size=settings.batch_size).tensors
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(u.tensors, expected))
+    applied = [w + (a + b) / 2 for w, a, b in zip(updates[0].global_params, updates[0].tensors, updates[1].tensors)]
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(final, applied))
+
+
+def _app_config(app: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -30,7 +30,15 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
 from dlgkit.fl.server_app import ClientUpdate, CuriousFedAvg
-from dlgkit.fl.simulation import simulate
 from dlgkit.fl.task import FLSettings, load_partition, make_model, partition
 
 __all__ = ["tensors_to_record", "record_to_tensors", "FLSettings", "make_model", "partition", "load_partition", "ClientUpdate", "CuriousFedAvg", "simulate"]
+
+
+def __getattr__(name: str):
+    # simulate() needs Ray, which a ClientApp process of the deployment engine never imports
+    if name == "simulate":
+        from dlgkit.fl.simulation import simulate
+
+        return simulate
+    raise AttributeError(f"module 'dlgkit.fl' has no attribute {name!r}")
