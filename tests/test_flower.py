@@ -371,3 +371,65 @@ def _app_config(app: Path) -> dict:
     import tomllib
 
     return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+# --- the FedAvg-aware (unrolled) observation ---------------------------------------------
+
+from dlgkit.attacks.fedavg import fedavg_observation, naive_gradient  # noqa: E402
+
+
+@pytest.mark.parametrize("steps,batch_size", [(1, None), (3, 2), (5, 3)])
+def test_observation_equals_the_clients_update(steps, batch_size):
+    model = _model(1)
+    x, y = task.load_dataset("faces", 4)
+    observed = fedavg_observation(steps, 0.1, batch_size)(model, x, y)
+    expected = federated.client_update(model, x, y, lr=0.1, local_steps=steps, batch_size=batch_size).tensors
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(observed, expected))
+    assert max(float(e.abs().max()) for e in expected) > 1e-3
+    assert all(p.grad is None for p in model.parameters())  # the model is left alone
+
+
+def test_observation_equals_the_update_of_the_real_client_app(server_process):
+    settings = task.FLSettings(examples_per_client=4, lr=0.1, local_steps=5, batch_size=2, seed=2)
+    strategy = fl.CuriousFedAvg(settings, min_train_nodes=2, min_available_nodes=2)
+    _one_round(strategy)
+    for u in strategy.updates:
+        x, y = task.load_partition(settings, u.partition_id, 2)
+        observed = fedavg_observation(5, 0.1, 2)(u.global_model(), x, y)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(observed, u.tensors))
+
+
+def test_one_full_batch_step_is_minus_lr_times_the_gradient_and_naive_inverts_it():
+    model = _model(0)
+    x, y = task.load_dataset("faces", 2)
+    update = fedavg_observation(1, 0.5)(model, x, y)
+    gradient = federated.client_gradient(model, x, y)
+    assert all(torch.allclose(n, g, rtol=1e-4, atol=1e-6) for n, g in zip(naive_gradient(update, 1, 0.5), gradient))
+
+
+def test_observation_is_differentiable_in_the_input():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sigmoid(), torch.nn.Linear(4, 2)).double()
+    y = torch.tensor([0, 1, 1])
+    observe = fedavg_observation(3, 0.3, 2)
+    x = torch.rand(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tuple(observe(model, x, y)), (x,))
+    faces, labels = task.load_dataset("faces", 2)
+    faces = faces.clone().requires_grad_(True)
+    sum(u.square().sum() for u in fedavg_observation(2, 0.1, 1)(_model(0), faces, labels)).backward()
+    assert torch.isfinite(faces.grad).all() and float(faces.grad.abs().sum()) > 0
+
+
+def test_observation_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="local_steps must be a positive int, got 0"):
+        fedavg_observation(0, 0.1)
+    with pytest.raises(ValueError, match=r"local_lr must lie in \(0.0, inf\]"):
+        fedavg_observation(1, -0.1)
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
+        fedavg_observation(1, 0.1, 0)
+    with pytest.raises(ValueError, match="x must be a non-empty batch"):
+        fedavg_observation(1, 0.1)(_model(), torch.rand(2, 1, 32, 32), torch.tensor([1]))
+    with pytest.raises(TypeError, match="update must be a list of tensors"):
+        naive_gradient(torch.zeros(3), 1, 0.1)
+    with pytest.raises(ValueError, match="update holds NaN"):
+        naive_gradient([torch.tensor([float("nan")])], 1, 0.1)
