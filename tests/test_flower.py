@@ -155,7 +155,7 @@ class _Grid:
 def _one_round(strategy, server_round=1, arrays=None):
     """configure_train -> each client's ``train`` (called directly) -> aggregate_train."""
     if arrays is None:
-        arrays = tensors_to_record([p.detach() for p in strategy._model.parameters()], strategy._model)
+        arrays = tensors_to_record([p.detach() for p in strategy.template.parameters()], strategy.template)
     messages = sorted(strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid()), key=lambda m: m.metadata.dst_node_id)
     replies = []
     for pid, msg in enumerate(messages):
@@ -198,7 +198,7 @@ def test_strategy_keeps_each_rounds_global_weights(tmp_path, server_process):
     _one_round(strategy, 2, new)
     first, second = strategy.updates[:2], strategy.updates[2:]
     assert [u.server_round for u in second] == [2, 2]
-    assert all(torch.equal(a, b) for a, b in zip(second[0].global_params, record_to_tensors(new, strategy._model)))
+    assert all(torch.equal(a, b) for a, b in zip(second[0].global_params, record_to_tensors(new, strategy.template)))
     assert not torch.equal(first[0].global_params[-1], second[0].global_params[-1])
     server_app.save_updates(tmp_path / "u.pt", strategy.updates, final=second[0].global_params)
     loaded, final = server_app.load_updates(tmp_path / "u.pt")

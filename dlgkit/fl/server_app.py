@@ -66,7 +66,8 @@ class CuriousFedAvg(FedAvg):
     Clients reply with a gradient (FedSGD) or a weight update (FedAvg), not with new weights,
     so the aggregate is applied here: ``W_0 - lr * mean gradient`` or ``W_0 + mean update``
     (means weighted by ``num-examples``, computed by ``FedAvg``). ``on_update`` is called with
-    each :class:`ClientUpdate` as it arrives; all of them stay in ``self.updates``. Other keyword
+    each :class:`ClientUpdate` as it arrives; all of them stay in ``self.updates``
+    (``self.template`` is a model of the run's architecture, for conversions). Other keyword
     arguments go to ``FedAvg`` (federated evaluation is off unless you ask for it).
     Explained in chapter 6 of the book.
     """
@@ -80,12 +81,12 @@ class CuriousFedAvg(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.settings, self.on_update = settings, on_update
         self.updates: list[ClientUpdate] = []
-        self._model = make_model(settings)
+        self.template = make_model(settings)
         self._global: list[torch.Tensor] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Remember the weights sent out this round, and send the run's settings with them."""
-        self._global = record_to_tensors(arrays, self._model)
+        self._global = record_to_tensors(arrays, self.template)
         config.update(self.settings.to_config())
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -102,7 +103,7 @@ class CuriousFedAvg(FedAvg):
                 node_id=int(msg.metadata.src_node_id),
                 partition_id=int(content["client"]["partition-id"]) if "client" in content else -1,
                 kind=kind,
-                tensors=record_to_tensors(content["arrays"], self._model),
+                tensors=record_to_tensors(content["arrays"], self.template),
                 num_examples=int(content["metrics"]["num-examples"]),
                 global_params=[w.clone() for w in self._global],
                 settings=self.settings,
@@ -114,14 +115,14 @@ class CuriousFedAvg(FedAvg):
         if mean is None:
             return None, metrics
         step = -self.settings.lr if kind == "gradient" else 1.0
-        new = [w + step * m for w, m in zip(self._global, record_to_tensors(mean, self._model))]
-        return tensors_to_record(new, self._model), metrics
+        new = [w + step * m for w, m in zip(self._global, record_to_tensors(mean, self.template))]
+        return tensors_to_record(new, self.template), metrics
 
 
 def run_server(grid: Grid, strategy: CuriousFedAvg, num_rounds: int, timeout: float = 600.0) -> Result:
     """Start ``strategy`` from the run's initial global model for ``num_rounds`` rounds.
     Explained in chapter 6 of the book."""
-    initial = tensors_to_record([p.detach() for p in make_model(strategy.settings).parameters()], strategy._model)
+    initial = tensors_to_record(list(make_model(strategy.settings).parameters()), strategy.template)
     return strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, timeout=timeout)
 
 
@@ -151,5 +152,5 @@ def main(grid: Grid, context: Context) -> None:
     strategy = CuriousFedAvg(FLSettings.from_config(dict(config)), min_train_nodes=num_clients, min_available_nodes=num_clients)
     result = run_server(grid, strategy, num_rounds=int(config["num-server-rounds"]))
     if config.get("record-file"):
-        final = record_to_tensors(result.arrays, strategy._model) if result.arrays is not None else None
+        final = record_to_tensors(result.arrays, strategy.template) if result.arrays is not None else None
         save_updates(str(config["record-file"]), strategy.updates, final)
