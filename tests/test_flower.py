@@ -183,7 +183,8 @@ def test_strategy_records_every_update_and_aggregates_like_fedavg(mode, server_p
             assert u.kind == "gradient"
             expected = federated.client_gradient(global_model, x, y)
         assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(u.tensors, expected))
-        assert u.shared().kind == u.kind and u.shared().meta["node_id"] == u.node_id
+        shared = u.shared()
+        assert (shared.kind, shared.num_examples, shared.local_steps, shared.lr) == (u.kind, 2, 3, 0.1) and shared.tensors[0] is u.tensors[0]
     step = 1.0 if mode == "fedavg" else -0.1
     mean = [(a + b) / 2 for a, b in zip(strategy.updates[0].tensors, strategy.updates[1].tensors)]
     expected_new = [w + step * m for w, m in zip(strategy.updates[0].global_params, mean)]

@@ -55,9 +55,7 @@ class ClientUpdate:
 
     def shared(self) -> SharedUpdate:
         """The reply as a :class:`dlgkit.federated.SharedUpdate`, the form dlgkit's attacks take."""
-        s = self.settings
-        meta = {"server_round": self.server_round, "node_id": self.node_id, "partition_id": self.partition_id, "batch_size": s.batch_size}
-        return SharedUpdate(list(self.tensors), num_examples=self.num_examples, kind=self.kind, local_steps=s.local_steps, lr=s.lr, meta=meta)
+        return SharedUpdate(list(self.tensors), num_examples=self.num_examples, kind=self.kind, local_steps=self.settings.local_steps, lr=self.settings.lr)
 
 
 class CuriousFedAvg(FedAvg):
