@@ -1,0 +1,77 @@
+"""The FedAvg-aware observation: what the server sees when a client runs local SGD steps.
+
+A FedAvg client does not send a gradient. It runs ``local_steps`` SGD steps at ``local_lr``
+over mini-batches of its data and sends the change of its weights, ``W_E - W_0`` (the sign
+convention of :func:`dlgkit.federated.client_update` and of Flower's FedAvg clients: an update
+is added to the global weights). :func:`fedavg_observation` builds a function that replays
+those steps *differentiably* for a candidate input, so a gradient-matching attack can match
+the update itself (Geiping et al. 2020, Dimitrov et al. 2022) through the engine's
+``observe=`` hook instead of pretending that the update is one gradient.
+
+The naive attack treats ``-(W_E - W_0) / (E * local_lr)`` as a gradient
+(:func:`naive_gradient`): exact for one full-batch step, only an approximation after more.
+
+Explained in chapter 6 of the book.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from dlgkit.checks import check_finite_tensors, check_number, check_positive_int
+from dlgkit.federated import LossFn, soft_cross_entropy
+
+__all__ = ["fedavg_observation", "naive_gradient"]
+
+Observe = Callable[[nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def fedavg_observation(local_steps: int, local_lr: float, batch_size: int | None = None, loss_fn: LossFn = soft_cross_entropy) -> Observe:
+    """``observe(model, x, y) -> W_E - W_0``: the weight update a FedAvg client with data
+    ``(x, y)`` sends after ``local_steps`` SGD steps at ``local_lr`` on a copy of ``model``.
+
+    Step ``s`` uses the mini-batch ``x[start : start + batch_size]`` with
+    ``start = (s * batch_size) % len(x)``: the client's data in a fixed order, the same images
+    in every epoch (``batch_size=None``: the whole batch in every step), exactly as
+    :func:`dlgkit.federated.client_update`. The steps are built with ``create_graph=True``, so
+    the update is differentiable with respect to ``x`` (and ``y`` when it holds probabilities);
+    ``model`` itself is left untouched. ``y`` holds class indices (N,) or probabilities (N, C).
+    Explained in chapter 6 of the book.
+    """
+    local_steps = check_positive_int("local_steps", local_steps)
+    local_lr = check_number("local_lr", local_lr, low=0.0, low_open=True, hint="It is the client's local SGD learning rate.")
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=True, hint="None uses the whole batch in every step.")
+
+    def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}.")
+        if x.dim() < 2 or y.dim() not in (1, 2) or len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"x must be a non-empty batch (N, ...) and y its N labels (N,) or label rows (N, C); got x {tuple(x.shape)}, y {tuple(y.shape)}.")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        start = [p.detach().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad]
+        weights, size = list(start), batch_size or len(x)
+        for step in range(local_steps):
+            first = (step * size) % len(x)
+            xb, yb = x[first : first + size], y[first : first + size]
+            loss = loss_fn(functional_call(model, dict(zip(names, weights)), (xb,)), yb)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            weights = [w - local_lr * g for w, g in zip(weights, grads)]
+        return [w - w0 for w, w0 in zip(weights, start)]
+
+    return observe
+
+
+def naive_gradient(update: Sequence[torch.Tensor], local_steps: int, local_lr: float) -> list[torch.Tensor]:
+    """The naive reading of a FedAvg update as one gradient: ``-(W_E - W_0) / (E * local_lr)``,
+    the mean gradient over the local steps. Exact for one full-batch step.
+    Explained in chapter 6 of the book."""
+    local_steps = check_positive_int("local_steps", local_steps)
+    local_lr = check_number("local_lr", local_lr, low=0.0, low_open=True)
+    if isinstance(update, torch.Tensor) or not isinstance(update, (list, tuple)) or not all(isinstance(u, torch.Tensor) for u in update):
+        raise TypeError(f"update must be a list of tensors (one per parameter), got {type(update).__name__}.")
+    check_finite_tensors("update", update)
+    return [-u.detach() / (local_steps * local_lr) for u in update]
