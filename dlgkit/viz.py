@@ -12,12 +12,34 @@ Defined in :doc:`/book/02_single_image_dlg`.
 from __future__ import annotations
 
 import io
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
+__all__ = ["glue", "to_numpy_image", "image_grid", "show_pairs", "iteration_strip", "scrubber", "scrubber_mode", "png_bytes", "text_scrubber"]
+
+
+def glue(name: str, value) -> float | int | str:
+    """Record ``value`` under ``name`` for the page's prose to quote (myst-nb's
+    ``{glue:text}`name:.1f``` role), so a rebuild cannot leave a stale number in the text.
+
+    Uses myst-nb's ``glue`` (installed with the book build) without displaying anything; where
+    myst-nb is absent (Colab, a plain Jupyter) it records nothing. Returns ``value``, a NumPy
+    or PyTorch scalar as a plain Python number (whose text myst-nb can format).
+    Defined in :doc:`/book/01_gradient_sharing`.
+    """
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"glue: {name} is {value}; the prose would quote a number that is not one.")
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=False)
+    return value
 
 
 def to_numpy_image(t: torch.Tensor) -> np.ndarray:
