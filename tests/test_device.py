@@ -70,10 +70,10 @@ def test_resolve_device_without_cuda(monkeypatch):
 def test_federated_round_and_image_attack_on_cuda(cuda):
     faces, labels, model = _face_and_model()
     cpu_grads = federated.client_gradient(model, faces, labels)
-    cpu_result = attacks.reconstruct(model, cpu_grads, faces.shape, **dict(attacks.RECOMMENDED, iterations=8), seed=0, progress=False)
+    cpu_result = attacks.reconstruct(model, cpu_grads, faces.shape, attacks.RECOMMENDED.with_(iterations=8), seed=0, progress=False)
     gpu_model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0).to(cuda)
     grads = federated.client_gradient(gpu_model, faces, labels)  # data from the CPU: moved to the model
-    result = attacks.reconstruct(gpu_model, grads, faces.shape, **dict(attacks.RECOMMENDED, iterations=8), seed=0, progress=False)
+    result = attacks.reconstruct(gpu_model, grads, faces.shape, attacks.RECOMMENDED.with_(iterations=8), seed=0, progress=False)
     assert torch.equal(result.reconstruction, cpu_result.reconstruction)
     assert result.report(faces.to(cuda), labels.to(cuda))["psnr"] == pytest.approx(cpu_result.report(faces, labels)["psnr"])
     viz.show_pairs(faces.to(cuda), result.reconstruction)  # plotting takes tensors from either device
