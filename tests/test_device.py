@@ -131,7 +131,7 @@ def test_text_attacks_on_cuda(cuda):
     assert bag.ids.tolist() == sorted(set(truth.tolist()))
     span = text_attacks.span_recover(grads, tm, candidates="bag")
     assert metrics.token_accuracy(span.ids, truth) == 1.0
-    run = text_attacks.reconstruct_text(tm, grads, iterations=3, record_every=1, seed=0, parametrization="bag", span_weight=10.0)
+    run = text_attacks.reconstruct_text(tm, grads, text_attacks.TextAttackConfig(iterations=3, parametrization="bag", span_weight=10.0), record_every=1, seed=0)
     assert len(run.ids) == len(truth) and run.embeddings.device.type == "cpu"
-    run = text_attacks.reconstruct_text(tm, grads, iterations=3, seed=0, decode="cosine")
+    run = text_attacks.reconstruct_text(tm, grads, text_attacks.TextAttackConfig(iterations=3, decode="cosine"), seed=0)
     assert len(text_attacks.decode_embeddings(tm, run.embeddings, "euclidean")) == len(truth)
