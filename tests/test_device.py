@@ -101,10 +101,10 @@ def test_batch_labels_on_cuda(cuda):
 def test_defences_on_cuda(cuda, defence):
     faces, labels, _ = _face_and_model()
     model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0).to(cuda)
-    result = defences.attack_defended(model, faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+    result = defences.attack_defended(model, faces, labels, defence, attacks.AttackConfig(iterations=3), adaptive=defence.kind == "prune")
     assert result["reconstruction"].device.type == "cpu" and result["relative_change"] > 0
     if defence.kind != "dp_sgd":  # noise drawn on the CPU generator: the same numbers on both devices
-        cpu = defences.attack_defended(model.cpu(), faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+        cpu = defences.attack_defended(model.cpu(), faces, labels, defence, attacks.AttackConfig(iterations=3), adaptive=defence.kind == "prune")
         assert result["relative_change"] == pytest.approx(cpu["relative_change"], rel=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_training_with_dp_sgd_on_cuda(cuda):
     subset = tuple(t[:200] for t in defences._digits_split())
     trained = defences.train_with_defence(defences.Defence("dp_sgd", 1.0), steps=3, batch_size=16, data=subset)
     assert next(trained.model.parameters()).device.type != "cpu" and 0 <= trained.accuracy <= 1
-    rows = defences.privacy_accuracy_sweep([defences.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), iterations=2, train_steps=2, num_classes=10)
+    rows = defences.privacy_accuracy_sweep([defences.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), attacks.AttackConfig(iterations=2), train_steps=2, num_classes=10)
     assert rows[0]["reconstructions"].device.type == "cpu" and "adaptive_psnr" in rows[0]
 
 

@@ -26,7 +26,7 @@ def noise_problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 def _attack_psnr(variance: float) -> float:
     model, x, y = noise_problem()
-    return defences.attack_defended(model, x, y, defences.Defence("gaussian", variance), seed=0, iterations=_ATTACK_STEPS)["psnr"]
+    return defences.attack_defended(model, x, y, defences.Defence("gaussian", variance), defences.DEFENDED_ATTACK.with_(iterations=_ATTACK_STEPS), seed=0)["psnr"]
 
 
 def check_prune(fn: Callable) -> bool:
