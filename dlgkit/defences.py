@@ -16,7 +16,6 @@ Defined in :doc:`/book/05_defences`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
@@ -28,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlgkit.attacks.engine import AttackConfig
+from dlgkit.attacks.engine import AttackConfig, check_target, grads_restored
 from dlgkit.budget import device_of, resolve_device
-from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR, check_finite_tensors, check_positive_int, check_seed
+from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR, check_positive_int, check_seed
 from dlgkit.federated import check_gradients, client_gradient, client_update
 
 __all__ = [
@@ -77,13 +76,7 @@ def _check_number(name: str, value: object, low: float = 0.0, high: float | None
 
 
 def _gradients(gradients: Sequence[torch.Tensor], name: str = "gradients") -> list[torch.Tensor]:
-    if isinstance(gradients, torch.Tensor) or not isinstance(gradients, (list, tuple)):
-        raise TypeError(f"{name} must be a list of tensors (one per model parameter), got {type(gradients).__name__}.")
-    for i, g in enumerate(gradients):
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(g).__name__}, expected a tensor.")
-    check_finite_tensors(name, gradients)
-    return [g.detach() for g in gradients]
+    return check_target(name, gradients)
 
 
 def add_noise(
@@ -279,13 +272,9 @@ class PruningAwareModel(nn.Module):
         return functional_call(self.inner, params, (x,))
 
 
-#: The registry of defences: kind -> class (one small class per kind, filled by ``_register``).
+#: The registry of defences: kind -> class (one small class per kind, each registered by
+#: subclassing :class:`Defence` with ``kind=`` and ``description=``).
 DEFENCES: dict[str, type[Defence]] = {}
-
-
-def _register(cls: type[Defence]) -> type[Defence]:
-    DEFENCES[cls.kind] = cls
-    return cls
 
 
 @dataclass(frozen=True, repr=False)
@@ -313,6 +302,15 @@ class Defence:
     #: What ``strength`` means, for :data:`DEFENCE_KINDS`.
     description: ClassVar[str] = ""
 
+    #: The kind a registered class stands for.
+    registered: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, kind: str | None = None, description: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.registered, cls.description = kind, description
+            DEFENCES[kind] = cls
+
     def __new__(cls, kind: str = "none", *args: object, **kwargs: object) -> Defence:
         if cls is Defence:
             if not isinstance(kind, str) or kind not in DEFENCES:
@@ -321,9 +319,13 @@ class Defence:
         return object.__new__(cls)
 
     def __post_init__(self) -> None:
-        expected = type(self).kind if isinstance(type(self).__dict__.get("kind"), str) else None
-        if self.kind not in DEFENCES or (expected is not None and self.kind != expected):
-            raise ValueError(f"kind={self.kind!r} is not known for {type(self).__name__}; choose one of {list(DEFENCES)}.")
+        own = type(self).registered
+        if own is None:
+            raise TypeError(f"{type(self).__name__} is not a registered defence; use Defence(kind, strength) with kind one of {list(DEFENCES)}.")
+        if self.kind == "none" and own != "none":
+            object.__setattr__(self, "kind", own)  # e.g. Prune(strength=0.7)
+        if self.kind != own:
+            raise ValueError(f"kind={self.kind!r} is not known for {type(self).__name__} (a {own!r} defence); choose one of {list(DEFENCES)}.")
         self.check()
 
     def check(self) -> None:
@@ -364,15 +366,13 @@ class Defence:
         return lr
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class NoDefence(Defence):
-    kind: str = "none"
-    description: ClassVar[str] = "no defence (strength ignored)"
+class NoDefence(Defence, kind="none", description="no defence (strength ignored)"):
+    """Shares the gradient as it is."""
 
 
-@dataclass(frozen=True, repr=False)
 class _Noise(Defence):
+    """Independent noise of variance ``strength`` on every entry (:func:`add_noise`)."""
+
     def check(self) -> None:
         _check_number("strength (the noise variance)", self.strength, fix="Use e.g. 1e-3.")
 
@@ -384,25 +384,17 @@ class _Noise(Defence):
         return add_noise(gradients, self.strength, self.kind, generator=generator)
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class GaussianNoise(_Noise):
-    kind: str = "gaussian"
-    description: ClassVar[str] = "Gaussian noise of variance `strength` on every gradient entry"
+class GaussianNoise(_Noise, kind="gaussian", description="Gaussian noise of variance `strength` on every gradient entry"):
+    pass
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class LaplacianNoise(_Noise):
-    kind: str = "laplacian"
-    description: ClassVar[str] = "Laplacian noise of variance `strength` on every gradient entry"
+class LaplacianNoise(_Noise, kind="laplacian", description="Laplacian noise of variance `strength` on every gradient entry"):
+    pass
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class Prune(Defence):
-    kind: str = "prune"
-    description: ClassVar[str] = "zero the fraction `strength` of smallest-magnitude entries of each tensor"
+class Prune(Defence, kind="prune", description="zero the fraction `strength` of smallest-magnitude entries of each tensor"):
+    """Gradient pruning (:func:`prune`), per tensor."""
+
     scope: ClassVar[str] = "layer"
 
     def check(self) -> None:
@@ -416,39 +408,28 @@ class Prune(Defence):
         return prune(gradients, self.strength, scope=self.scope)
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class PruneGlobal(Prune):
-    kind: str = "prune_global"
-    description: ClassVar[str] = "zero the fraction `strength` of smallest-magnitude entries over all tensors"
+class PruneGlobal(Prune, kind="prune_global", description="zero the fraction `strength` of smallest-magnitude entries over all tensors"):
     scope: ClassVar[str] = "global"
 
 
-@dataclass(frozen=True, repr=False)
 class _Quantise(Defence):
+    """A round trip through a low-precision format (:func:`quantise`), named by the kind."""
+
     def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
         return quantise(gradients, self.kind)
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class FP16(_Quantise):
-    kind: str = "fp16"
-    description: ClassVar[str] = "round trip through half precision (strength ignored)"
+class FP16(_Quantise, kind="fp16", description="round trip through half precision (strength ignored)"):
+    pass
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class Int8(_Quantise):
-    kind: str = "int8"
-    description: ClassVar[str] = "round trip through 8-bit integers with one scale per tensor (strength ignored)"
+class Int8(_Quantise, kind="int8", description="round trip through 8-bit integers with one scale per tensor (strength ignored)"):
+    pass
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class LocalSteps(Defence):
-    kind: str = "local_steps"
-    description: ClassVar[str] = "share the FedAvg update after `strength` local SGD steps on the batch"
+class LocalSteps(Defence, kind="local_steps", description="share the FedAvg update after `strength` local SGD steps on the batch"):
+    """FedAvg: the client trains ``strength`` steps before it shares."""
+
     is_transform: ClassVar[bool] = False
 
     def check(self) -> None:
@@ -476,11 +457,9 @@ class LocalSteps(Defence):
         return lr * local_lr * self.strength
 
 
-@_register
-@dataclass(frozen=True, repr=False)
-class DPSGD(Defence):
-    kind: str = "dp_sgd"
-    description: ClassVar[str] = "DP-SGD: per-example clipping to `max_grad_norm`, Gaussian noise with multiplier `strength`"
+class DPSGD(Defence, kind="dp_sgd", description="DP-SGD: per-example clipping to `max_grad_norm`, Gaussian noise with multiplier `strength`"):
+    """DP-SGD through Opacus (:func:`dp_sgd_gradient`)."""
+
     is_transform: ClassVar[bool] = False
     attack_distance: ClassVar[str | None] = "cosine"  # clipping rescales the gradient: L2 would fail on scale alone
 
@@ -506,21 +485,6 @@ DEFENCE_KINDS = {kind: cls.description for kind, cls in DEFENCES.items()}
 #: The attack :func:`attack_defended` runs by default: one L-BFGS trial of the recommended
 #: attack (labels known to the attacker).
 DEFENDED_ATTACK = AttackConfig()
-
-
-def _restored_grads(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Leave ``model``'s ``.grad`` as it was (the client's computations here must not fill it)."""
-
-    @contextlib.contextmanager
-    def keep():
-        grads = {p: p.grad for p in model.parameters()}
-        try:
-            yield
-        finally:
-            for p, g in grads.items():
-                p.grad = g
-
-    return keep()
 
 
 def attack_defended(
@@ -552,7 +516,7 @@ def attack_defended(
         raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
     check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
-    with _restored_grads(model):
+    with grads_restored(model):
         if isinstance(defence, DPSGD):
             clean = Defence("dp_sgd", 0.0, defence.max_grad_norm).share(model, x, y, generator=torch.Generator().manual_seed(seed))
         else:

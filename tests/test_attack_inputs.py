@@ -143,6 +143,7 @@ def test_report_shape_is_the_same_for_one_image_and_a_batch(problem):
     assert one.psnr_per_image.shape == (1,) and batch.psnr_per_image.shape == (2,)
     assert one["psnr"] == one.psnr == pytest.approx(float(one.psnr_per_image.mean()))
     assert one.label_set_accuracy == one.label_accuracy == 1.0
+    assert str(one).startswith(f"PSNR {one.psnr:.3g} dB") and "label accuracy 1" in str(one)
     with pytest.raises(KeyError, match="not a field"):
         one["psnr_mean"]
     with pytest.raises(ValueError, match="original must be the true batch"):

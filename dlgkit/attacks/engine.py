@@ -35,23 +35,7 @@ from dlgkit.budget import progress_enabled
 from dlgkit.checks import check_choice, check_finite_tensors, check_number, check_positive_int, check_seed
 from dlgkit.federated import soft_cross_entropy
 
-__all__ = [
-    "EngineConfig",
-    "AttackConfig",
-    "TextAttackConfig",
-    "PAPER_DLG",
-    "RECOMMENDED",
-    "RECOMMENDED_BATCH",
-    "Problem",
-    "Trial",
-    "EngineRun",
-    "run",
-    "gradient_distance",
-    "gradient_observation",
-    "DISTANCES",
-    "OPTIMIZERS",
-    "RESTART_POLICIES",
-]
+__all__ = ["EngineConfig", "AttackConfig", "TextAttackConfig", "PAPER_DLG", "RECOMMENDED", "RECOMMENDED_BATCH", "Problem", "Trial", "EngineRun", "run", "gradient_distance", "gradient_observation", "DISTANCES", "OPTIMIZERS", "RESTART_POLICIES", "absolute_tol", "check_target", "grads_restored", "caller_model_untouched"]
 
 
 # --- strategies ---------------------------------------------------------------------------------
@@ -466,15 +450,26 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutN
 
 
 @contextlib.contextmanager
+def grads_restored(model: nn.Module) -> Iterator[None]:
+    """Leave every parameter's ``.grad`` of ``model`` as it was: cleared on entry (backward
+    passes inside fill fresh tensors) and put back on exit."""
+    grads = {p: p.grad for p in model.parameters()}
+    for p in grads:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+
+
+@contextlib.contextmanager
 def caller_model_untouched(model: nn.Module) -> Iterator[None]:
     """Run an attack on ``model`` in evaluation mode and leave it as it was: its training mode
     and every parameter's ``.grad`` are restored afterwards. A model in training mode with
     BatchNorm or Dropout gets a warning: the attack uses BatchNorm's running statistics and no
     Dropout (deterministic, and BatchNorm's statistics are not updated by the attack)."""
     modes = {m: m.training for m in model.modules()}
-    grads = {p: p.grad for p in model.parameters()}
-    for p in grads:  # the attack's backward passes fill fresh .grad tensors, dropped at the end
-        p.grad = None
     if model.training and any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
         warnings.warn(
             f"{type(model).__name__} is in training mode and has BatchNorm or Dropout layers; the attack runs it in eval mode "
@@ -483,9 +478,8 @@ def caller_model_untouched(model: nn.Module) -> Iterator[None]:
         )
     model.eval()
     try:
-        yield
+        with grads_restored(model):
+            yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-        for p, g in grads.items():
-            p.grad = g

@@ -62,6 +62,14 @@ class AttackReport:
     status: str
     success: bool
 
+    def __str__(self) -> str:
+        """One line: the means, the label accuracy, the distance, iterations, time and status."""
+        labels = "" if self.label_accuracy is None else f", label accuracy {self.label_accuracy:.3g}"
+        if self.psnr_per_image.numel() > 1 and self.label_set_accuracy is not None:
+            labels += f" (as a set {self.label_set_accuracy:.3g})"
+        return (f"PSNR {self.psnr:.3g} dB, SSIM {self.ssim:.3g}, MSE {self.mse:.3g}{labels}, gradient distance {self.grad_distance:.3g}, "
+                f"{self.iterations} iterations, {self.wall_time:.3g} s, {self.status}")
+
     def __getitem__(self, key: str) -> object:
         if key not in {f.name for f in fields(self)}:
             raise KeyError(f"{key!r} is not a field of AttackReport; the fields are {[f.name for f in fields(self)]}.")

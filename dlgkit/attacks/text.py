@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dlgkit.attacks import engine
-from dlgkit.attacks.engine import DECODERS, PARAMETRIZATIONS, TextAttackConfig
+from dlgkit.attacks.engine import DECODERS, TextAttackConfig
 from dlgkit.budget import device_of
 from dlgkit.checks import check_finite_tensors, check_number, check_positive_int, check_seed
 from dlgkit.nlp import TextModel, check_double_backward
