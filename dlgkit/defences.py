@@ -385,11 +385,11 @@ class _Noise(Defence):
 
 
 class GaussianNoise(_Noise, kind="gaussian", description="Gaussian noise of variance `strength` on every gradient entry"):
-    pass
+    """Gaussian noise (the DLG paper's defence)."""
 
 
 class LaplacianNoise(_Noise, kind="laplacian", description="Laplacian noise of variance `strength` on every gradient entry"):
-    pass
+    """Laplacian noise of the same variance."""
 
 
 class Prune(Defence, kind="prune", description="zero the fraction `strength` of smallest-magnitude entries of each tensor"):
@@ -409,6 +409,8 @@ class Prune(Defence, kind="prune", description="zero the fraction `strength` of 
 
 
 class PruneGlobal(Prune, kind="prune_global", description="zero the fraction `strength` of smallest-magnitude entries over all tensors"):
+    """Gradient pruning ranked over all tensors together."""
+
     scope: ClassVar[str] = "global"
 
 
@@ -420,11 +422,11 @@ class _Quantise(Defence):
 
 
 class FP16(_Quantise, kind="fp16", description="round trip through half precision (strength ignored)"):
-    pass
+    """Half precision: a rounding far below the gradient's size."""
 
 
 class Int8(_Quantise, kind="int8", description="round trip through 8-bit integers with one scale per tensor (strength ignored)"):
-    pass
+    """8-bit integers, one scale per tensor."""
 
 
 class LocalSteps(Defence, kind="local_steps", description="share the FedAvg update after `strength` local SGD steps on the batch"):

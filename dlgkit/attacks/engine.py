@@ -405,7 +405,8 @@ def _run_trial(problem: Problem, config: EngineConfig, tol: float | None, histor
 
 
 def absolute_tol(config: EngineConfig, target: Sequence[torch.Tensor], batch: int) -> float | None:
-    """The stopping threshold ``config.tol`` in the units of the distance (see :class:`EngineConfig`)."""
+    """The stopping threshold ``config.tol`` in the units of the distance (see :class:`EngineConfig`).
+    Defined in :doc:`/book/02_single_image_dlg`."""
     if config.tol is not None and config.tol_relative and config.distance == "l2":
         return config.tol * float(sum((t.double() ** 2).sum() for t in target)) / batch**2
     return config.tol
@@ -436,7 +437,8 @@ def run(make_problem: Callable[[torch.Generator], Problem], config: EngineConfig
 
 
 def check_target(name: str, target: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A target observation: a non-empty list of finite tensors (detached)."""
+    """A target observation: a non-empty list of finite tensors (detached).
+    Defined in :doc:`/book/02_single_image_dlg`."""
     if isinstance(target, torch.Tensor) or not isinstance(target, (list, tuple)) or not target:
         raise TypeError(f"{name} must be a non-empty list of tensors (one per model parameter), got {type(target).__name__}.")
     for i, t in enumerate(target):
@@ -452,7 +454,8 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutN
 @contextlib.contextmanager
 def grads_restored(model: nn.Module) -> Iterator[None]:
     """Leave every parameter's ``.grad`` of ``model`` as it was: cleared on entry (backward
-    passes inside fill fresh tensors) and put back on exit."""
+    passes inside fill fresh tensors) and put back on exit.
+    Defined in :doc:`/book/02_single_image_dlg`."""
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:
         p.grad = None
@@ -468,7 +471,8 @@ def caller_model_untouched(model: nn.Module) -> Iterator[None]:
     """Run an attack on ``model`` in evaluation mode and leave it as it was: its training mode
     and every parameter's ``.grad`` are restored afterwards. A model in training mode with
     BatchNorm or Dropout gets a warning: the attack uses BatchNorm's running statistics and no
-    Dropout (deterministic, and BatchNorm's statistics are not updated by the attack)."""
+    Dropout (deterministic, and BatchNorm's statistics are not updated by the attack).
+    Defined in :doc:`/book/02_single_image_dlg`."""
     modes = {m: m.training for m in model.modules()}
     if model.training and any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
         warnings.warn(
