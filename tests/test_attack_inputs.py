@@ -203,3 +203,15 @@ def test_custom_observation_plugs_in_without_touching_the_loop(problem):
     assert calls and result.report(x, y).psnr >= 30
     with pytest.raises(ValueError, match="no broadcasting"):
         attacks.reconstruct(model, grads, x.shape, FAST, labels=y, observe=lambda m, xx, yy: [g[:1] for g in engine.gradient_observation(m, xx, yy)])
+
+
+def test_an_example_that_barely_contributes_warns_but_runs(problem):
+    model, _, _, _ = problem
+    xb = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    yb = torch.tensor([1, 2, 3, 4])
+    per_example = [federated.client_gradient(model, xb[i : i + 1], yb[i : i + 1]) for i in range(4)]
+    weights = (1.0, 1.0, 1.0, 1e-4)  # the fourth example is one the model already fits
+    mixed = [sum(w * g[k] for w, g in zip(weights, per_example)) / 4 for k in range(len(per_example[0]))]
+    with pytest.warns(UserWarning, match="3 clear directions for a batch of 4"):
+        result = attacks.reconstruct(model, mixed, xb.shape, FAST, labels=yb, progress=False)
+    assert result.reconstruction.shape == xb.shape

@@ -12,6 +12,7 @@ Defined in :doc:`/book/02_single_image_dlg`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
@@ -159,8 +160,13 @@ def _check_shape(shape: object) -> tuple[int, int, int, int]:
 
 def _check_batch_size(model: nn.Module, target: list[torch.Tensor], batch: int) -> None:
     """The last linear layer's weight gradient, ``(1/B) sum_i (p_i - e_{y_i}) h_i^T``, has rank
-    at most B, and B for B distinct examples (when B < number of classes and B <= its width):
-    a lower rank means the gradient came from fewer examples than ``shape`` says."""
+    at most B, and B for B distinct examples (when B < number of classes and B <= its width).
+
+    Singular values below ``3e-7`` of the largest are float32 rounding (1e-8 to 3e-8 for a
+    float32 gradient or a sum of them): fewer singular values above that than ``shape[0]`` means the gradient
+    came from fewer examples, an error. Between ``3e-7`` and ``1e-5`` lie examples the model
+    already fits (a tiny loss, so a tiny share of the gradient, as in a SecAgg sum of chapter 7):
+    a warning, since such images are hard to recover but the batch size may well be right."""
     try:
         w_idx, _ = last_linear_layer(model)
     except ValueError:
@@ -169,11 +175,20 @@ def _check_batch_size(model: nn.Module, target: list[torch.Tensor], batch: int) 
     if weight.dim() != 2 or batch > min(weight.shape[0] - 1, weight.shape[1]):
         return
     s = torch.linalg.svdvals(weight.cpu())
-    rank = int((s > 1e-5 * s[0]).sum()) if float(s[0]) > 0 else 0
+    if float(s[0]) <= 0:
+        rank, clear = 0, 0
+    else:
+        rank, clear = int((s > 3e-7 * s[0]).sum()), int((s > 1e-5 * s[0]).sum())
     if rank < batch:
         raise ValueError(
             f"shape asks for a batch of {batch}, but the last layer's gradient has rank {rank}: it came from {rank} example(s) "
             f"(a batch of B distinct examples gives rank B). Pass the client's batch size as shape[0]."
+        )
+    if clear < batch:
+        warnings.warn(
+            f"the last layer's gradient has {clear} clear directions for a batch of {batch} (the others are 3e-7 to 1e-5 of the "
+            f"largest): some examples barely contribute (the model already fits them) and will be hard to recover.",
+            stacklevel=3,
         )
 
 
