@@ -3,7 +3,8 @@ defence and strength, written as CSV and Markdown.
 
     python benchmarks/defences.py                      # full: 3 faces, up to 300 L-BFGS steps
     DLGKIT_QUICK=1 python benchmarks/defences.py       # quick (under 5 minutes on 2 CPU cores)
-    python benchmarks/defences.py --out some/folder    # default _build/benchmarks/
+    python benchmarks/defences.py --out some/folder    # default benchmarks/results/ (defences.md, full
+                                                       # budget; defences_quick.md with DLGKIT_QUICK=1)
 
 The attack setting is the issue's anchor: iDLG with the label known, L-BFGS (line search) for at
 most 300 steps (40 quick), one run per face, 32x32 LFW faces, each on a fresh paper LeNet with 100
@@ -26,10 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlgkit import budget, data, defences  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import RESULTS  # noqa: E402
+
+from dlgkit import attacks, budget, data, defences  # noqa: E402
+from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR  # noqa: E402
 
 D = defences.Defence
-COLUMNS = ["defence", "kind", "strength", "psnr", "adaptive_psnr", "ssim", "relative_change", "accuracy", "epsilon", "attack_time", "train_time"]
+COLUMNS = ["label", "kind", "strength", "psnr", "adaptive_psnr", "ssim", "relative_change", "accuracy", "epsilon", "leaks", "stopped", "attack_time", "train_time"]
 
 
 def defence_list(quick: bool) -> list[defences.Defence]:
@@ -52,7 +57,7 @@ def fmt(value: object) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "benchmarks", help="folder for defences.csv and defences.md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for defences[_quick].csv and defences[_quick].md")
     parser.add_argument("--faces", type=int, default=3)
     args = parser.parse_args()
     quick = budget.is_quick()
@@ -63,29 +68,33 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for defence in defence_list(quick):
-        row = defences.privacy_accuracy_sweep([defence], faces, labels, iterations=iterations, train_steps=300, progress=False)[0]
+        row = defences.privacy_accuracy_sweep([defence], faces, labels, attacks.AttackConfig(iterations=iterations), train_steps=300, progress=False)[0]
         rows.append({k: row.get(k) for k in COLUMNS})
-        print(f"{row['defence']:22s} PSNR {row['psnr']:5.1f} dB  adaptive {fmt(row.get('adaptive_psnr')):>6s}  SSIM {row['ssim']:.2f}  "
+        print(f"{row['label']:22s} PSNR {row['psnr']:5.1f} dB  adaptive {fmt(row.get('adaptive_psnr')):>6s}  SSIM {row['ssim']:.2f}  "
               f"change/|g| {row['relative_change']:.3g}  accuracy {row['accuracy']:.1%}  epsilon {fmt(row['epsilon'])}  "
               f"({row['attack_time']:.1f} s attack, {row['train_time']:.1f} s training)", flush=True)
     total = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "defences.csv", "w", newline="") as f:
+    name = "defences_quick" if quick else "defences"
+    with open(args.out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
-    header = ["defence", "attack PSNR (dB)", "pruning-aware PSNR (dB)", "SSIM", "change / gradient norm", "test accuracy", "epsilon (delta 1e-5)"]
+    header = ["defence", "attack PSNR (dB)", "pruning-aware PSNR (dB)", "SSIM", "change / gradient norm", "test accuracy", "epsilon (delta 1e-5)",
+              f"leaks (>= {SUCCESS_PSNR:.0f} dB)", f"stopped (< {STOPPED_PSNR:.0f} dB)"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in rows:
         adaptive = f"{r['adaptive_psnr']:.1f}" if r["adaptive_psnr"] is not None else ""
         eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else ""
-        lines.append(f"| {r['defence']} | {r['psnr']:.1f} | {adaptive} | {r['ssim']:.2f} | {r['relative_change']:.3g} | {r['accuracy']:.1%} | {eps} |")
+        lines.append(f"| {r['label']} | {r['psnr']:.1f} | {adaptive} | {r['ssim']:.2f} | {r['relative_change']:.3g} | {r['accuracy']:.1%} | {eps} | "
+                     f"{'yes' if r['leaks'] else 'no'} | {'yes' if r['stopped'] else 'no'} |")
     note = (f"\n{args.faces} LFW faces (32x32), iDLG label known, L-BFGS <= {iterations} steps, one run; accuracy: LeNet on digits, "
             f"300 FedSGD steps. {'quick' if quick else 'full'} budget, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{platform.machine()}, {total:.0f} s in all.\n")
-    (args.out / "defences.md").write_text("\n".join(lines) + "\n" + note)
+    (args.out / f"{name}.md").write_text(f"# Defences: privacy against accuracy ({'quick' if quick else 'full'} budget)\n\n"
+                                         f"Written by `{'DLGKIT_QUICK=1 ' if quick else ''}python benchmarks/defences.py`.\n\n" + "\n".join(lines) + "\n" + note)
     print("\n".join(lines) + note)
-    print(f"wrote {args.out / 'defences.csv'} and {args.out / 'defences.md'} in {total:.1f} s")
+    print(f"wrote {args.out / (name + '.csv')} and {args.out / (name + '.md')} in {total:.1f} s")
 
 
 if __name__ == "__main__":

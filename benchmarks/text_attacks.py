@@ -11,24 +11,26 @@ one client gradient on MiniLM-L6 (label 1):
 
 Run: ``python benchmarks/text_attacks.py`` (full budget: 300 DLG steps on the random model,
 200 on the pretrained one); ``DLGKIT_QUICK=1`` for 60/40 steps; ``--sentences 0 1`` for a
-subset; ``--no-pretrained-dlg`` to skip the slowest column.
+subset; ``--no-pretrained-dlg`` to skip the slowest column. The table goes to
+``benchmarks/results/text_attacks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, write_table  # noqa: E402
 
-from dlgkit import budget, metrics, nlp
-from dlgkit.attacks import text as ta
+from dlgkit import budget, metrics, nlp  # noqa: E402
+from dlgkit.attacks import text as ta  # noqa: E402
 
 
 def _dlg(tm, grads, ids, steps, **options) -> dict:
-    result = ta.reconstruct_text(tm, grads, iterations=steps, record_every=max(steps, 1), progress=False, **options)
+    result = ta.reconstruct_text(tm, grads, ta.TextAttackConfig(iterations=steps, **options), record_every=steps, progress=False)
     r = metrics.rouge(result.text, tm.decode(ids))
     return {"acc": metrics.token_accuracy(result.ids, ids, ignore=[101, 102]), "r1": r["rouge1"], "r2": r["rouge2"], "s": result.seconds}
 
@@ -44,11 +46,11 @@ def main() -> int:
     pretrained = nlp.load_text_model(pretrained=True)
     scratch = nlp.load_text_model(pretrained=False, seed=0)
     print(f"# text attacks on MiniLM-L6, {len(chosen)} sentences; DLG steps: {steps_scratch} (random init), {steps_pre} (pretrained)")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"# {machine()}\n")
     head = "| # | tokens | bag recall | bag precision | span token acc | span exact | span time (s) | DLG random: token acc | ROUGE-1 | ROUGE-2 | time (s) |"
     head += " DLG pretrained plain: token acc | ROUGE-1 | pretrained bag + span prior: token acc | ROUGE-1 | ROUGE-2 | time (s) |"
-    print(head)
-    print("|" + " --- |" * (head.count("|") - 1))
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    print("\n".join(lines))
     start = time.perf_counter()
     for i in chosen:
         sentence = nlp.SAMPLE_SENTENCES[i]
@@ -70,8 +72,12 @@ def main() -> int:
             plain = _dlg(pretrained, grads, ids, steps_pre, parametrization="embedding", decode="bag")
             prior = _dlg(pretrained, grads, ids, steps_pre, parametrization="bag", span_weight=1000.0, lr=0.3)
             cells += [f"{plain['acc']:.0%}", f"{plain['r1']:.2f}", f"{prior['acc']:.0%}", f"{prior['r1']:.2f}", f"{prior['r2']:.2f}", f"{prior['s']:.1f}"]
-        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-    print(f"\n# total time {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        print(lines[-1], flush=True)
+    total = time.perf_counter() - start
+    path = write_table("text_attacks", "Text leaks on MiniLM-L6", lines,
+                       f"DLG steps: {steps_scratch} (random init), {steps_pre} (pretrained); {'quick' if budget.is_quick() else 'full'} budget; {total:.0f} s in all.")
+    print(f"wrote {path}\n# total time {total:.0f} s", file=sys.stderr)
     return 0
 
 

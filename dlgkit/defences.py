@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlgkit.attacks.engine import AttackConfig, check_target, grads_restored
 from dlgkit.budget import device_of, resolve_device
+from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR, check_positive_int, check_seed
 from dlgkit.federated import check_gradients, client_gradient, client_update
 
 __all__ = [
@@ -34,6 +37,17 @@ __all__ = [
     "PRUNE_SCOPES",
     "QUANTISE_DTYPES",
     "DEFENCE_KINDS",
+    "DEFENCES",
+    "DEFENDED_ATTACK",
+    "NoDefence",
+    "GaussianNoise",
+    "LaplacianNoise",
+    "Prune",
+    "PruneGlobal",
+    "FP16",
+    "Int8",
+    "LocalSteps",
+    "DPSGD",
     "add_noise",
     "prune",
     "quantise",
@@ -51,20 +65,6 @@ __all__ = [
 NOISE_DISTRIBUTIONS = ("gaussian", "laplacian")
 PRUNE_SCOPES = ("layer", "global")
 QUANTISE_DTYPES = ("fp16", "int8")
-#: What :class:`Defence` accepts as ``kind``, and what ``strength`` means for each.
-DEFENCE_KINDS = {
-    "none": "no defence (strength ignored)",
-    "gaussian": "Gaussian noise of variance `strength` on every gradient entry",
-    "laplacian": "Laplacian noise of variance `strength` on every gradient entry",
-    "prune": "zero the fraction `strength` of smallest-magnitude entries of each tensor",
-    "prune_global": "zero the fraction `strength` of smallest-magnitude entries over all tensors",
-    "fp16": "round trip through half precision (strength ignored)",
-    "int8": "round trip through 8-bit integers with one scale per tensor (strength ignored)",
-    "local_steps": "share the FedAvg update after `strength` local SGD steps on the batch",
-    "dp_sgd": "DP-SGD: per-example clipping to `max_grad_norm`, Gaussian noise with multiplier `strength`",
-}
-
-
 def _check_number(name: str, value: object, low: float = 0.0, high: float | None = None, fix: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
@@ -76,12 +76,7 @@ def _check_number(name: str, value: object, low: float = 0.0, high: float | None
 
 
 def _gradients(gradients: Sequence[torch.Tensor], name: str = "gradients") -> list[torch.Tensor]:
-    if isinstance(gradients, torch.Tensor) or not isinstance(gradients, (list, tuple)):
-        raise TypeError(f"{name} must be a list of tensors (one per model parameter), got {type(gradients).__name__}.")
-    for i, g in enumerate(gradients):
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(g).__name__}, expected a tensor.")
-    return [g.detach() for g in gradients]
+    return check_target(name, gradients)
 
 
 def add_noise(
@@ -277,127 +272,270 @@ class PruningAwareModel(nn.Module):
         return functional_call(self.inner, params, (x,))
 
 
-@dataclass(frozen=True)
+#: The registry of defences: kind -> class (one small class per kind, each registered by
+#: subclassing :class:`Defence` with ``kind=`` and ``description=``).
+DEFENCES: dict[str, type[Defence]] = {}
+
+
+@dataclass(frozen=True, repr=False)
 class Defence:
     """A defence a client applies to what it shares. ``kind`` is one of :data:`DEFENCE_KINDS`;
     ``strength`` is the noise variance, the pruning ratio, the number of local steps or the
     DP-SGD noise multiplier (ignored for ``none``, ``fp16`` and ``int8``).
 
-    Call it on a gradient list to transform it (transform kinds only), or use :meth:`share` to
-    get what the client sends for a batch. Defined in :doc:`/book/05_defences`.
+    ``Defence(kind, strength)`` builds the registered class of that kind (:data:`DEFENCES`,
+    e.g. ``Defence("prune", 0.7)`` is a :class:`Prune`). Defences are frozen and hashable:
+    equal settings give equal objects, so results can be keyed by the defence itself
+    (``rows_by_defence[Defence("prune", 0.7)]``); ``str(defence)`` is its :attr:`label`.
+    Call one on a gradient list to transform it (transform kinds only), or use :meth:`share`
+    to get what the client sends for a batch. Defined in :doc:`/book/05_defences`.
     """
 
     kind: str = "none"
     strength: float = 0.0
     max_grad_norm: float = 1.0
 
+    #: True for the defences that transform a finished gradient (all but local steps and DP-SGD).
+    is_transform: ClassVar[bool] = True
+    #: The gradient distance an attacker uses against this defence (None: the attack's own).
+    attack_distance: ClassVar[str | None] = None
+    #: What ``strength`` means, for :data:`DEFENCE_KINDS`.
+    description: ClassVar[str] = ""
+
+    #: The kind a registered class stands for.
+    registered: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, kind: str | None = None, description: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.registered, cls.description = kind, description
+            DEFENCES[kind] = cls
+
+    def __new__(cls, kind: str = "none", *args: object, **kwargs: object) -> Defence:
+        if cls is Defence:
+            if not isinstance(kind, str) or kind not in DEFENCES:
+                raise ValueError(f"kind={kind!r} is not known; choose one of {list(DEFENCES)}.")
+            cls = DEFENCES[kind]
+        return object.__new__(cls)
+
     def __post_init__(self) -> None:
-        if self.kind not in DEFENCE_KINDS:
-            raise ValueError(f"kind={self.kind!r} is not known; choose one of {list(DEFENCE_KINDS)}.")
-        if self.kind in ("gaussian", "laplacian"):
-            _check_number("strength (the noise variance)", self.strength, fix="Use e.g. 1e-3.")
-        elif self.kind in ("prune", "prune_global"):
-            _check_number("strength (the pruning ratio)", self.strength, 0.0, 1.0, fix="It is the fraction of entries set to zero.")
-        elif self.kind == "local_steps":
-            if isinstance(self.strength, bool) or not float(self.strength).is_integer() or self.strength < 1:
-                raise ValueError(f"strength (the number of local steps) must be a positive whole number, got {self.strength!r}.")
-        elif self.kind == "dp_sgd":
-            _check_number("strength (the noise multiplier)", self.strength, fix="Use e.g. 1.0.")
-            _check_number("max_grad_norm", self.max_grad_norm)
-            if self.max_grad_norm == 0:
-                raise ValueError("max_grad_norm must be > 0.")
+        own = type(self).registered
+        if own is None:
+            raise TypeError(f"{type(self).__name__} is not a registered defence; use Defence(kind, strength) with kind one of {list(DEFENCES)}.")
+        if self.kind == "none" and own != "none":
+            object.__setattr__(self, "kind", own)  # e.g. Prune(strength=0.7)
+        if self.kind != own:
+            raise ValueError(f"kind={self.kind!r} is not known for {type(self).__name__} (a {own!r} defence); choose one of {list(DEFENCES)}.")
+        self.check()
+
+    def check(self) -> None:
+        """Validate ``strength`` (and ``max_grad_norm``) for this kind; nothing to check by default."""
 
     @property
     def label(self) -> str:
         """A short name for tables and plots, e.g. ``gaussian 1e-03``."""
-        if self.kind in ("none", "fp16", "int8"):
-            return self.kind
-        if self.kind in ("prune", "prune_global"):
-            return f"{self.kind} {self.strength:.0%}"
-        if self.kind == "local_steps":
-            return f"{int(self.strength)} local steps"
-        if self.kind == "dp_sgd":
-            return f"dp_sgd sigma={self.strength:g}"
-        return f"{self.kind} {self.strength:.0e}"
+        return self.kind
 
-    @property
-    def is_transform(self) -> bool:
-        """True for the defences that transform a finished gradient (all but local steps and DP-SGD)."""
-        return self.kind not in ("local_steps", "dp_sgd")
+    def __str__(self) -> str:
+        return self.label
+
+    def __repr__(self) -> str:
+        return f"Defence({self.kind!r}, {self.strength!r}" + (f", max_grad_norm={self.max_grad_norm!r})" if self.max_grad_norm != 1.0 else ")")
+
+    def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+        """The transformed gradient list (transform kinds)."""
+        return [g.clone() for g in gradients]
 
     def __call__(self, gradients: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Transform a gradient list (not for ``local_steps`` and ``dp_sgd``, which need the data:
         use :meth:`share`)."""
         if not self.is_transform:
             raise TypeError(f"a {self.kind!r} defence changes how the gradient is computed; call .share(model, x, y) instead.")
-        if self.kind in ("gaussian", "laplacian"):
-            return add_noise(gradients, self.strength, self.kind, generator=generator)
-        if self.kind in ("prune", "prune_global"):
-            return prune(gradients, self.strength, scope="layer" if self.kind == "prune" else "global")
-        if self.kind in QUANTISE_DTYPES:
-            return quantise(gradients, self.kind)
-        return [g.detach().clone() for g in _gradients(gradients)]
+        return self.transform(_gradients(gradients), generator)
 
     def share(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-              lr: float = 0.1, expected_batch_size: int | None = None) -> list[torch.Tensor]:
+              local_lr: float = 0.1, expected_batch_size: int | None = None) -> list[torch.Tensor]:
         """What the defended client sends for the batch ``(x, y)``, as a gradient-shaped list.
 
-        For ``local_steps`` the client runs that many SGD steps (rate ``lr``) on the batch and
-        sends its weight change; the list returned is the gradient the server can infer from
-        it, ``-update / (lr * steps)`` (the server knows both). For ``dp_sgd`` see
-        :func:`dp_sgd_gradient` (``expected_batch_size`` goes there).
-        """
-        if self.kind == "dp_sgd":
-            return dp_sgd_gradient(model, x, y, self.strength, self.max_grad_norm, expected_batch_size=expected_batch_size, generator=generator)
-        if self.kind == "local_steps":
-            steps = int(self.strength)
-            update = client_update(model, x, y, lr=lr, local_steps=steps)
-            return [-u / (lr * steps) for u in update.tensors]
+        ``local_lr`` is the client's learning rate (``local_steps`` only); ``expected_batch_size``
+        goes to :func:`dp_sgd_gradient` (``dp_sgd`` only)."""
         return self(client_gradient(model, x, y), generator=generator)
+
+    def server_scale(self, lr: float, local_lr: float) -> float:
+        """The server steps ``w -= server_scale * shared``: ``lr`` for a gradient."""
+        return lr
+
+
+class NoDefence(Defence, kind="none", description="no defence (strength ignored)"):
+    """Shares the gradient as it is."""
+
+
+class _Noise(Defence):
+    """Independent noise of variance ``strength`` on every entry (:func:`add_noise`)."""
+
+    def check(self) -> None:
+        _check_number("strength (the noise variance)", self.strength, fix="Use e.g. 1e-3.")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.strength:.0e}"
+
+    def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+        return add_noise(gradients, self.strength, self.kind, generator=generator)
+
+
+class GaussianNoise(_Noise, kind="gaussian", description="Gaussian noise of variance `strength` on every gradient entry"):
+    """Gaussian noise (the DLG paper's defence)."""
+
+
+class LaplacianNoise(_Noise, kind="laplacian", description="Laplacian noise of variance `strength` on every gradient entry"):
+    """Laplacian noise of the same variance."""
+
+
+class Prune(Defence, kind="prune", description="zero the fraction `strength` of smallest-magnitude entries of each tensor"):
+    """Gradient pruning (:func:`prune`), per tensor."""
+
+    scope: ClassVar[str] = "layer"
+
+    def check(self) -> None:
+        _check_number("strength (the pruning ratio)", self.strength, 0.0, 1.0, fix="It is the fraction of entries set to zero.")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.strength:.0%}"
+
+    def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+        return prune(gradients, self.strength, scope=self.scope)
+
+
+class PruneGlobal(Prune, kind="prune_global", description="zero the fraction `strength` of smallest-magnitude entries over all tensors"):
+    """Gradient pruning ranked over all tensors together."""
+
+    scope: ClassVar[str] = "global"
+
+
+class _Quantise(Defence):
+    """A round trip through a low-precision format (:func:`quantise`), named by the kind."""
+
+    def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+        return quantise(gradients, self.kind)
+
+
+class FP16(_Quantise, kind="fp16", description="round trip through half precision (strength ignored)"):
+    """Half precision: a rounding far below the gradient's size."""
+
+
+class Int8(_Quantise, kind="int8", description="round trip through 8-bit integers with one scale per tensor (strength ignored)"):
+    """8-bit integers, one scale per tensor."""
+
+
+class LocalSteps(Defence, kind="local_steps", description="share the FedAvg update after `strength` local SGD steps on the batch"):
+    """FedAvg: the client trains ``strength`` steps before it shares."""
+
+    is_transform: ClassVar[bool] = False
+
+    def check(self) -> None:
+        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real) or not float(self.strength).is_integer() or self.strength < 1:
+            raise ValueError(f"strength (the number of local steps) must be a positive whole number, got {self.strength!r}.")
+
+    @property
+    def label(self) -> str:
+        return f"{int(self.strength)} local steps"
+
+    def share(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+              local_lr: float = 0.1, expected_batch_size: int | None = None) -> list[torch.Tensor]:
+        """The client runs ``strength`` SGD steps (rate ``local_lr``) on the batch and sends its
+        weight change; the list returned is the gradient the server can infer from it,
+        ``-update / (local_lr * steps)`` (the server knows both)."""
+        local_lr = _check_number("local_lr", local_lr, fix="It is the client's learning rate, e.g. 0.1.")
+        if local_lr == 0:
+            raise ValueError("local_lr must be > 0: a client with learning rate 0 sends no update.")
+        steps = int(self.strength)
+        update = client_update(model, x, y, lr=local_lr, local_steps=steps)
+        return [-u / (local_lr * steps) for u in update.tensors]
+
+    def server_scale(self, lr: float, local_lr: float) -> float:
+        """The server adds ``lr`` times the client's update: ``w -= lr * local_lr * steps * shared``."""
+        return lr * local_lr * self.strength
+
+
+class DPSGD(Defence, kind="dp_sgd", description="DP-SGD: per-example clipping to `max_grad_norm`, Gaussian noise with multiplier `strength`"):
+    """DP-SGD through Opacus (:func:`dp_sgd_gradient`)."""
+
+    is_transform: ClassVar[bool] = False
+    attack_distance: ClassVar[str | None] = "cosine"  # clipping rescales the gradient: L2 would fail on scale alone
+
+    def check(self) -> None:
+        _check_number("strength (the noise multiplier)", self.strength, fix="Use e.g. 1.0.")
+        _check_number("max_grad_norm", self.max_grad_norm)
+        if self.max_grad_norm == 0:
+            raise ValueError("max_grad_norm must be > 0.")
+
+    @property
+    def label(self) -> str:
+        return f"dp_sgd sigma={self.strength:g}"
+
+    def share(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+              local_lr: float = 0.1, expected_batch_size: int | None = None) -> list[torch.Tensor]:
+        """See :func:`dp_sgd_gradient`."""
+        return dp_sgd_gradient(model, x, y, self.strength, self.max_grad_norm, expected_batch_size=expected_batch_size, generator=generator)
+
+
+#: What :class:`Defence` accepts as ``kind``, and what ``strength`` means for each.
+DEFENCE_KINDS = {kind: cls.description for kind, cls in DEFENCES.items()}
+
+#: The attack :func:`attack_defended` runs by default: one L-BFGS trial of the recommended
+#: attack (labels known to the attacker).
+DEFENDED_ATTACK = AttackConfig()
 
 
 def attack_defended(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, defence: Defence, seed: int = 0, distance: str | None = None,
-    adaptive: bool = False, lr: float = 1.0, **attack: object
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, defence: Defence, attack: AttackConfig = DEFENDED_ATTACK, *,
+    seed: int = 0, adaptive: bool = False, local_lr: float = 1.0,
 ) -> dict:
     """Share ``(x, y)`` through ``defence`` on ``model``, attack what was shared with
-    :func:`dlgkit.attacks.image.reconstruct` (labels known to the attacker, one run, unless
-    ``attack`` says otherwise), and report: ``psnr``, ``ssim``, ``relative_change`` (the size of
-    the defence's change next to the signal: the gradient, or for DP-SGD the clipped gradient),
-    ``iterations``, ``wall_time`` and the ``reconstruction``.
+    :func:`dlgkit.attacks.image.reconstruct` and the settings ``attack`` (labels known to the
+    attacker; default one L-BFGS trial of the recommended attack), and report: ``psnr``,
+    ``ssim``, ``relative_change`` (the size of the defence's change next to the signal: the
+    gradient, or for DP-SGD the clipped gradient), ``iterations``, ``wall_time``, ``status``
+    and the ``reconstruction``.
 
-    ``distance`` defaults to ``"l2"``, and to ``"cosine"`` for DP-SGD, whose clipping rescales
-    the gradient (an L2 attacker would fail on the scale alone). ``adaptive=True`` attacks a
-    pruned gradient through :class:`PruningAwareModel` (only the shared entries are matched).
-    ``lr`` is the client's local learning rate for ``local_steps`` (the default matches
-    :func:`train_with_defence`, so attack and training see the same defence).
-    Defined in :doc:`/book/05_defences`.
+    Where the defence names an attack distance it is used instead of ``attack.distance``: DP-SGD
+    clips, which rescales the gradient, so its attacker uses the cosine distance (an L2 attacker
+    would fail on the scale alone). ``adaptive=True`` attacks a pruned gradient through
+    :class:`PruningAwareModel` (only the shared entries are matched). ``local_lr`` is the
+    client's learning rate for ``local_steps`` (the default matches :func:`train_with_defence`,
+    so attack and training see the same defence). The caller's model keeps its ``.grad`` and
+    mode. Defined in :doc:`/book/05_defences`.
     """
     from dlgkit.attacks.image import reconstruct
 
     if not isinstance(defence, Defence):
         raise TypeError(f"defence must be a dlgkit.defences.Defence, got {type(defence).__name__}.")
-    if adaptive and defence.kind not in ("prune", "prune_global"):
+    if not isinstance(attack, AttackConfig):
+        raise TypeError(f"attack must be a dlgkit.attacks.AttackConfig (e.g. attacks.AttackConfig(iterations=60)), got {type(attack).__name__}.")
+    if adaptive and not isinstance(defence, Prune):
         raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
+    check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
-    if defence.kind == "dp_sgd":
-        clean = Defence("dp_sgd", 0.0, defence.max_grad_norm).share(model, x, y)
-    else:
-        clean = client_gradient(model, x, y)
-    shared = defence.share(model, x, y, generator=generator, lr=lr)
-    if distance is None:
-        distance = "cosine" if defence.kind == "dp_sgd" else "l2"
-    options = dict(labels=y, restarts=1, history_every=None, progress=False, seed=seed, distance=distance)
-    options.update(attack)
+    with grads_restored(model):
+        if isinstance(defence, DPSGD):
+            clean = Defence("dp_sgd", 0.0, defence.max_grad_norm).share(model, x, y, generator=torch.Generator().manual_seed(seed))
+        else:
+            clean = client_gradient(model, x, y)
+        shared = defence.share(model, x, y, generator=generator, local_lr=local_lr)
+    if defence.attack_distance is not None:
+        attack = attack.with_(distance=defence.attack_distance)
     target_model = PruningAwareModel(model, shared) if adaptive else model
-    result = reconstruct(target_model, shared, tuple(x.shape), **options)
+    result = reconstruct(target_model, shared, tuple(x.shape), attack, labels=y, seed=seed, history_every=None, progress=False)
     report = result.report(x, y)
     return {
-        "psnr": report["psnr"],
-        "ssim": report["ssim"],
+        "psnr": report.psnr,
+        "ssim": report.ssim,
         "relative_change": relative_change(shared, clean),
         "iterations": result.iterations,
         "wall_time": result.wall_time,
+        "status": result.status,
         "reconstruction": result.reconstruction.detach().clamp(0, 1).cpu(),
     }
 
@@ -428,12 +566,14 @@ def _digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tens
 def train_with_defence(
     defence: Defence, steps: int = 300, batch_size: int = 32, lr: float = 1.0, seed: int = 0, delta: float = 1e-5,
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
+    local_lr: float = 1.0,
 ) -> TrainResult:
     """Train the paper's LeNet (1 channel, 10 classes, 8x8) on scikit-learn's digits with FedSGD
     for ``steps`` server steps: each step a client draws a batch, shares it through
     ``defence`` (:meth:`Defence.share`, the very gradient an attacker would see) and the server
-    steps ``w -= lr * shared`` (for ``local_steps``, ``w += update``). Returns the test accuracy
-    on a held-out 20% of the digits (``data`` may give ``(x_train, y_train, x_test, y_test)``).
+    steps ``w -= lr * shared`` (for ``local_steps``, where the client trains with ``local_lr``,
+    ``w += lr * update``). Returns the test accuracy on a held-out 20% of the digits (``data``
+    may give ``(x_train, y_train, x_test, y_test)``). Torch's global random state is left alone.
 
     DP-SGD samples each batch by Poisson sampling at rate ``batch_size / n`` (as its privacy
     analysis assumes) and reports epsilon at ``delta`` from Opacus's RDP accountant. The model
@@ -445,53 +585,60 @@ def train_with_defence(
 
     if not isinstance(defence, Defence):
         raise TypeError(f"defence must be a dlgkit.defences.Defence, got {type(defence).__name__}.")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_seed("seed", seed)
     _check_number("lr", lr)
+    _check_number("local_lr", local_lr)
     device = resolve_device(device)
     x_train, y_train, x_test, y_test = (t.to(device) for t in (data if data is not None else _digits_split()))
     n = len(x_train)
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
-    model = LeNet(channels=x_train.shape[1], num_classes=10, image_size=x_train.shape[-1], seed=seed).to(device)
+    with torch.random.fork_rng(devices=[]):  # the caller's global random state stays as it was
+        model = LeNet(channels=x_train.shape[1], num_classes=10, image_size=x_train.shape[-1], seed=seed).to(device)
     generator = torch.Generator().manual_seed(seed)
     sample_rate = batch_size / n
-    scale = lr * (defence.strength if defence.kind == "local_steps" else 1.0)
+    scale = defence.server_scale(lr, local_lr)
     losses = []
     for _ in range(steps):
-        if defence.kind == "dp_sgd":
+        if isinstance(defence, DPSGD):
             idx = torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten()
             if idx.numel() == 0:  # probability (1 - q)^n; Opacus would share pure noise here
                 idx = torch.randint(n, (1,), generator=generator)
         else:
             idx = torch.randperm(n, generator=generator)[:batch_size]
         xb, yb = x_train[idx], y_train[idx]
-        shared = defence.share(model, xb, yb, generator=generator, lr=lr, expected_batch_size=batch_size)
+        shared = defence.share(model, xb, yb, generator=generator, local_lr=local_lr, expected_batch_size=batch_size)
         with torch.no_grad():
             for p, g in zip(model.parameters(), shared):
                 p.add_(g, alpha=-scale)
             losses.append(float(F.cross_entropy(model(xb), yb)))
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(dim=1) == y_test).float().mean())
-    epsilon = dp_epsilon(defence.strength, sample_rate, steps, delta) if defence.kind == "dp_sgd" else None
+    epsilon = dp_epsilon(defence.strength, sample_rate, steps, delta) if isinstance(defence, DPSGD) else None
     return TrainResult(accuracy=accuracy, steps=steps, epsilon=epsilon, delta=delta if epsilon is not None else None, losses=losses, model=model)
 
 
 def privacy_accuracy_sweep(
-    defences: Sequence[Defence], images: torch.Tensor, labels: torch.Tensor, iterations: int = 60, train_steps: int = 300,
-    adaptive: bool = True, num_classes: int = 100, progress: bool | None = None, device: str | torch.device | None = None,
+    defences: Sequence[Defence], images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig = DEFENDED_ATTACK.with_(iterations=60),
+    train_steps: int = 300, adaptive: bool = True, num_classes: int = 100, progress: bool | None = None,
+    device: str | torch.device | None = None, local_lr: float = 1.0,
 ) -> list[dict]:
     """Both sides of the trade-off for every defence: the attack on each image of ``images``
     (one at a time, each through its own fresh paper LeNet with ``num_classes`` classes, seeded
-    by the image's index; :func:`attack_defended` with at most ``iterations`` L-BFGS steps) and
-    the test accuracy of :func:`train_with_defence` after ``train_steps`` steps.
+    by the image's index; :func:`attack_defended` with the settings ``attack``, by default at
+    most 60 L-BFGS steps) and the test accuracy of :func:`train_with_defence` after
+    ``train_steps`` steps (``local_lr``: the clients' learning rate, in both).
 
-    Returns one dict per defence: ``defence``, ``kind``, ``strength``, mean ``psnr`` and
-    ``ssim``, ``relative_change``, ``accuracy``, ``epsilon`` (DP-SGD), the ``reconstructions``
-    (N, C, H, W, on the CPU), wall times, and for pruning with ``adaptive=True`` also
-    ``adaptive_psnr``. Models and data go to ``device`` (default
-    :func:`dlgkit.budget.default_device`). Defined in :doc:`/book/05_defences`.
+    Returns one dict per defence: ``defence`` (the :class:`Defence` itself, so rows can be
+    keyed by it), ``label``, ``kind``, ``strength``, mean ``psnr`` and ``ssim``,
+    ``relative_change``, ``accuracy``, ``epsilon`` (DP-SGD), ``leaks`` (mean PSNR >=
+    :data:`~dlgkit.checks.SUCCESS_PSNR`), ``stopped`` (every attack, the pruning-aware one too,
+    below :data:`~dlgkit.checks.STOPPED_PSNR`), the ``reconstructions`` (N, C, H, W, on the
+    CPU), wall times, and for pruning with ``adaptive=True`` also ``adaptive_psnr``. Models and
+    data go to ``device`` (default :func:`dlgkit.budget.default_device`).
+    Defined in :doc:`/book/05_defences`.
     """
     import time
 
@@ -500,8 +647,11 @@ def privacy_accuracy_sweep(
     from dlgkit.budget import progress_enabled
     from dlgkit.models import LeNet
 
-    if images.dim() != 4 or len(images) != len(labels):
-        raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {len(labels)} labels.")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0 or len(images) != len(labels):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch with one label each, got {got} and {len(labels)} labels.")
+    if not all(isinstance(d, Defence) for d in defences) or not defences:
+        raise TypeError("defences must be a non-empty list of dlgkit.defences.Defence objects, e.g. [Defence('none'), Defence('prune', 0.7)].")
     device = resolve_device(device)
     images, labels = images.to(device), labels.to(device)
     rows = []
@@ -511,16 +661,20 @@ def privacy_accuracy_sweep(
         for i in range(len(images)):
             model = LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i).to(device)
             x, y = images[i : i + 1], labels[i : i + 1]
-            runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations))
-            if adaptive and defence.kind in ("prune", "prune_global"):
-                adaptive_runs.append(attack_defended(model, x, y, defence, seed=i, iterations=iterations, adaptive=True))
+            runs.append(attack_defended(model, x, y, defence, attack, seed=i, local_lr=local_lr))
+            if adaptive and isinstance(defence, Prune):
+                adaptive_runs.append(attack_defended(model, x, y, defence, attack, seed=i, adaptive=True, local_lr=local_lr))
         attack_time = time.perf_counter() - start
-        trained = train_with_defence(defence, steps=train_steps, device=device)
+        trained = train_with_defence(defence, steps=train_steps, device=device, local_lr=local_lr)
+        psnr = sum(r["psnr"] for r in runs) / len(runs)
         row = {
-            "defence": defence.label,
+            "defence": defence,
+            "label": defence.label,
             "kind": defence.kind,
             "strength": defence.strength,
-            "psnr": sum(r["psnr"] for r in runs) / len(runs),
+            "psnr": psnr,
+            "leaks": psnr >= SUCCESS_PSNR,
+            "stopped": all(r["psnr"] < STOPPED_PSNR for r in runs + adaptive_runs),
             "ssim": sum(r["ssim"] for r in runs) / len(runs),
             "relative_change": sum(r["relative_change"] for r in runs) / len(runs),
             "accuracy": trained.accuracy,

@@ -111,7 +111,7 @@ def test_batch_attack_recovers_a_batch_of_four():
     model = models.LeNet(channels=1, num_classes=100, image_size=16, seed=0)
     grads = federated.client_gradient(model, x, y)
     assert attacks.batch_labels(model, grads, 4).tolist() == sorted(y.tolist())
-    result = attacks.reconstruct(model, grads, x.shape, **dict(attacks.RECOMMENDED, iterations=200), seed=0)
+    result = attacks.reconstruct(model, grads, x.shape, attacks.RECOMMENDED.with_(iterations=200), seed=0)
     assert result.label_mode == "idlg" and sorted(result.labels.tolist()) == sorted(y.tolist())
     report = result.report(x, y)
     assert report["label_accuracy"] == 1.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dlgkit import data, defences, federated, metrics, models
+from dlgkit import attacks, data, defences, federated, metrics, models
 from dlgkit.defences import Defence
 
 
@@ -121,19 +121,38 @@ def test_defence_objects_dispatch_to_the_transforms():
     assert Defence("gaussian", 1e-3).label == "gaussian 1e-03" and Defence("prune", 0.7).label == "prune 70%"
 
 
+def test_defences_are_registered_classes_and_hashable_keys():
+    assert type(Defence("prune", 0.7)) is defences.Prune and type(Defence("dp_sgd", 1.0)) is defences.DPSGD
+    assert set(defences.DEFENCES) == set(defences.DEFENCE_KINDS) >= {"none", "gaussian", "laplacian", "prune", "prune_global", "fp16", "int8", "local_steps", "dp_sgd"}
+    assert Defence("prune", 0.7) == defences.Prune(strength=0.7) and Defence("prune", 0.7) != Defence("prune_global", 0.7)
+    rows = {Defence("prune", 0.7): 1, Defence("gaussian", 1e-3): 2, Defence(): 3}
+    assert rows[Defence("prune", 0.7)] == 1 and rows[Defence("gaussian", 0.001)] == 2 and rows[Defence("none")] == 3
+    assert str(Defence("prune", 0.7)) == "prune 70%" and repr(Defence("prune", 0.7)) == "Defence('prune', 0.7)"
+    with pytest.raises(ValueError, match="not known for Prune"):
+        defences.Prune(kind="gaussian", strength=0.1)
+
+
+def test_defence_transforms_refuse_nan_gradients():
+    g = _grads()
+    g[1][3] = float("nan")
+    for call in (lambda: defences.quantise(g, "int8"), lambda: defences.prune(g, 0.5), lambda: defences.add_noise(g, 1e-3), lambda: Defence("fp16")(g)):
+        with pytest.raises(ValueError, match=r"gradients\[1\] holds NaN or inf"):
+            call()
+
+
 def test_local_steps_share_the_gradient_after_one_step(face_problem):
     model, x, y = face_problem
-    one = Defence("local_steps", 1).share(model, x, y, lr=0.01)
+    one = Defence("local_steps", 1).share(model, x, y, local_lr=0.01)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, federated.client_gradient(model, x, y)))
-    five = Defence("local_steps", 5).share(model, x, y, lr=0.01)
+    five = Defence("local_steps", 5).share(model, x, y, local_lr=0.01)
     assert defences.relative_change(five, one) > 1e-3  # the model moved between the steps
 
 
 def test_attack_defended_uses_the_local_learning_rate(face_problem):
     model, x, y = face_problem
     steps = Defence("local_steps", 5)
-    slow = defences.attack_defended(model, x, y, steps, lr=1e-4, iterations=1)
-    fast = defences.attack_defended(model, x, y, steps, lr=1.0, iterations=1)
+    slow = defences.attack_defended(model, x, y, steps, attacks.AttackConfig(iterations=1), local_lr=1e-4)
+    fast = defences.attack_defended(model, x, y, steps, attacks.AttackConfig(iterations=1), local_lr=1.0)
     # five tiny steps change the model hardly at all: the inferred gradient is the gradient
     assert slow["relative_change"] < 1e-2 < fast["relative_change"], (slow["relative_change"], fast["relative_change"])
 
@@ -183,8 +202,8 @@ def test_dp_epsilon_comes_from_opacus_and_behaves():
 
 def test_attack_succeeds_without_defence_and_fails_under_strong_noise(face_problem):
     model, x, y = face_problem
-    clear = defences.attack_defended(model, x, y, Defence(), iterations=40)
-    noisy = defences.attack_defended(model, x, y, Defence("gaussian", 1e-1), iterations=10)
+    clear = defences.attack_defended(model, x, y, Defence(), attacks.AttackConfig(iterations=40))
+    noisy = defences.attack_defended(model, x, y, Defence("gaussian", 1e-1), attacks.AttackConfig(iterations=10))
     assert clear["psnr"] >= 30 and clear["relative_change"] == 0.0
     assert noisy["psnr"] < 12 and noisy["relative_change"] > 1.0
     assert float(metrics.psnr(clear["reconstruction"], x)) == pytest.approx(clear["psnr"])
@@ -192,11 +211,44 @@ def test_attack_succeeds_without_defence_and_fails_under_strong_noise(face_probl
 
 def test_pruning_aware_attack_beats_the_plain_one(face_problem):
     model, x, y = face_problem
-    plain = defences.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20)
-    aware = defences.attack_defended(model, x, y, Defence("prune", 0.7), iterations=20, adaptive=True)
+    plain = defences.attack_defended(model, x, y, Defence("prune", 0.7), attacks.AttackConfig(iterations=20))
+    aware = defences.attack_defended(model, x, y, Defence("prune", 0.7), attacks.AttackConfig(iterations=20), adaptive=True)
     assert aware["psnr"] >= 25 and aware["psnr"] > plain["psnr"] + 10, (plain["psnr"], aware["psnr"])
     with pytest.raises(ValueError, match="needs a pruning defence"):
         defences.attack_defended(model, x, y, Defence("gaussian", 1e-3), adaptive=True)
+    with pytest.raises(TypeError, match="attack must be a dlgkit.attacks.AttackConfig"):
+        defences.attack_defended(model, x, y, Defence(), {"iterations": 3})
+    with pytest.raises(ValueError, match="seed must be an int"):
+        defences.attack_defended(model, x, y, Defence(), seed=0.5)
+
+
+def test_attack_defended_leaves_the_model_alone(face_problem):
+    model, x, y = face_problem
+    model.zero_grad(set_to_none=True)
+    model.train()
+    for defence in (Defence(), Defence("local_steps", 2), Defence("prune", 0.5)):
+        defences.attack_defended(model, x, y, defence, attacks.AttackConfig(iterations=2))
+        assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_train_with_defence_leaves_the_global_random_state_alone():
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    defences.train_with_defence(Defence("dp_sgd", 1.0), steps=2, batch_size=8)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sweep_rows_are_keyed_by_the_defence(face_problem):
+    faces, _ = data.lfw_faces(1, size=16)
+    wanted = [Defence(), Defence("prune", 0.5)]
+    rows = defences.privacy_accuracy_sweep(wanted, faces, torch.tensor([2]), attacks.AttackConfig(iterations=2), train_steps=2, num_classes=10, progress=False)
+    assert [r["defence"] for r in rows] == wanted and rows[1]["label"] == "prune 50%" and "adaptive_psnr" in rows[1]
+    assert all(isinstance(r["leaks"], bool) and isinstance(r["stopped"], bool) for r in rows)
+    with pytest.raises(ValueError, match="non-empty"):
+        defences.privacy_accuracy_sweep(wanted, faces[:0], torch.tensor([], dtype=torch.long))
+    with pytest.raises(TypeError, match="Defence objects"):
+        defences.privacy_accuracy_sweep(["prune 70%"], faces, torch.tensor([2]))
 
 
 def test_pruning_aware_model_masks_the_gradient(face_problem):

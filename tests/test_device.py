@@ -70,10 +70,10 @@ def test_resolve_device_without_cuda(monkeypatch):
 def test_federated_round_and_image_attack_on_cuda(cuda):
     faces, labels, model = _face_and_model()
     cpu_grads = federated.client_gradient(model, faces, labels)
-    cpu_result = attacks.reconstruct(model, cpu_grads, faces.shape, **dict(attacks.RECOMMENDED, iterations=8), seed=0, progress=False)
+    cpu_result = attacks.reconstruct(model, cpu_grads, faces.shape, attacks.RECOMMENDED.with_(iterations=8), seed=0, progress=False)
     gpu_model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0).to(cuda)
     grads = federated.client_gradient(gpu_model, faces, labels)  # data from the CPU: moved to the model
-    result = attacks.reconstruct(gpu_model, grads, faces.shape, **dict(attacks.RECOMMENDED, iterations=8), seed=0, progress=False)
+    result = attacks.reconstruct(gpu_model, grads, faces.shape, attacks.RECOMMENDED.with_(iterations=8), seed=0, progress=False)
     assert torch.equal(result.reconstruction, cpu_result.reconstruction)
     assert result.report(faces.to(cuda), labels.to(cuda))["psnr"] == pytest.approx(cpu_result.report(faces, labels)["psnr"])
     viz.show_pairs(faces.to(cuda), result.reconstruction)  # plotting takes tensors from either device
@@ -101,10 +101,10 @@ def test_batch_labels_on_cuda(cuda):
 def test_defences_on_cuda(cuda, defence):
     faces, labels, _ = _face_and_model()
     model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0).to(cuda)
-    result = defences.attack_defended(model, faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+    result = defences.attack_defended(model, faces, labels, defence, attacks.AttackConfig(iterations=3), adaptive=defence.kind == "prune")
     assert result["reconstruction"].device.type == "cpu" and result["relative_change"] > 0
     if defence.kind != "dp_sgd":  # noise drawn on the CPU generator: the same numbers on both devices
-        cpu = defences.attack_defended(model.cpu(), faces, labels, defence, iterations=3, adaptive=defence.kind == "prune")
+        cpu = defences.attack_defended(model.cpu(), faces, labels, defence, attacks.AttackConfig(iterations=3), adaptive=defence.kind == "prune")
         assert result["relative_change"] == pytest.approx(cpu["relative_change"], rel=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_training_with_dp_sgd_on_cuda(cuda):
     subset = tuple(t[:200] for t in defences._digits_split())
     trained = defences.train_with_defence(defences.Defence("dp_sgd", 1.0), steps=3, batch_size=16, data=subset)
     assert next(trained.model.parameters()).device.type != "cpu" and 0 <= trained.accuracy <= 1
-    rows = defences.privacy_accuracy_sweep([defences.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), iterations=2, train_steps=2, num_classes=10)
+    rows = defences.privacy_accuracy_sweep([defences.Defence("prune", 0.5)], *data.lfw_faces(1, size=32), attacks.AttackConfig(iterations=2), train_steps=2, num_classes=10)
     assert rows[0]["reconstructions"].device.type == "cpu" and "adaptive_psnr" in rows[0]
 
 
@@ -131,7 +131,7 @@ def test_text_attacks_on_cuda(cuda):
     assert bag.ids.tolist() == sorted(set(truth.tolist()))
     span = text_attacks.span_recover(grads, tm, candidates="bag")
     assert metrics.token_accuracy(span.ids, truth) == 1.0
-    run = text_attacks.reconstruct_text(tm, grads, iterations=3, record_every=1, seed=0, parametrization="bag", span_weight=10.0)
+    run = text_attacks.reconstruct_text(tm, grads, text_attacks.TextAttackConfig(iterations=3, parametrization="bag", span_weight=10.0), record_every=1, seed=0)
     assert len(run.ids) == len(truth) and run.embeddings.device.type == "cpu"
-    run = text_attacks.reconstruct_text(tm, grads, iterations=3, seed=0, decode="cosine")
+    run = text_attacks.reconstruct_text(tm, grads, text_attacks.TextAttackConfig(iterations=3, decode="cosine"), seed=0)
     assert len(text_attacks.decode_embeddings(tm, run.embeddings, "euclidean")) == len(truth)

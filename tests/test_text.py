@@ -153,7 +153,7 @@ def test_span_candidates_validation(pretrained):
 def test_dlg_recovers_a_short_sentence_on_a_random_model(scratch):
     ids = scratch.encode(SHORT)["input_ids"][0]
     grads = nlp.text_gradient(scratch, SHORT, 0)
-    result = ta.reconstruct_text(scratch, grads, iterations=120, record_every=20, progress=False)
+    result = ta.reconstruct_text(scratch, grads, ta.TextAttackConfig(iterations=120), record_every=20, progress=False)
     assert result.iters[0] == 0 and result.iters[-1] == 120 and len(result.history) == len(result.iters)
     assert result.losses[-1] < 0.05 * result.losses[0]
     assert metrics.token_accuracy(result.ids, ids, ignore=[101, 102]) >= 0.9
@@ -165,7 +165,7 @@ def test_dlg_recovers_a_short_sentence_on_a_random_model(scratch):
 
 def test_euclidean_decoding_collapses_to_padding_on_a_random_model(scratch):
     grads = nlp.text_gradient(scratch, SHORT, 0)
-    result = ta.reconstruct_text(scratch, grads, iterations=30, progress=False)
+    result = ta.reconstruct_text(scratch, grads, ta.TextAttackConfig(iterations=30), progress=False)
     bag = ta.bag_of_words(grads, scratch)
     euclid = ta.decode_embeddings(scratch, result.embeddings[1:-1], "euclidean")
     assert (euclid == scratch.tokenizer.pad_token_id).float().mean() > 0.5
@@ -177,9 +177,42 @@ def test_euclidean_decoding_collapses_to_padding_on_a_random_model(scratch):
 
 def test_reconstruct_text_rejects_bad_options(scratch):
     grads = nlp.text_gradient(scratch, SHORT, 0)
-    for kwargs, match in [({"parametrization": "onehot"}, "parametrization"), ({"decode": "nearest"}, "decode"), ({"optimizer": "sgd"}, "optimizer"), ({"distance": "l1"}, "distance"), ({"length": 2}, "length")]:
+    for kwargs, match in [({"parametrization": "onehot"}, "parametrization"), ({"decode": "nearest"}, "decode"), ({"optimizer": "sgd"}, "optimizer"), ({"distance": "l1"}, "distance"), ({"span_weight": -1.0}, "span_weight")]:
         with pytest.raises(ValueError, match=match):
-            ta.reconstruct_text(scratch, grads, iterations=1, **kwargs)
+            ta.TextAttackConfig(iterations=1, **kwargs)
+    one = ta.TextAttackConfig(iterations=1)
+    for kwargs, match in [({"length": 2}, r"length must be an int in \[3, 512\]"), ({"length": 10_000}, "length must be an int"), ({"length": 5.5}, "length must be an int"),
+                          ({"label": 2}, r"label must be an int class index in \[0, 2\)"), ({"label": 0.5}, "label must be"), ({"seed": 0.5}, "seed must be an int"),
+                          ({"record_every": 0}, "record_every must be a positive int")]:
+        with pytest.raises(ValueError, match=match):
+            ta.reconstruct_text(scratch, grads, one, **kwargs)
+    with pytest.raises(TypeError, match="TextAttackConfig"):
+        ta.reconstruct_text(scratch, grads, {"iterations": 1})
+
+
+def test_text_attacks_flag_nan_gradients_and_bad_arguments(scratch):
+    grads = nlp.text_gradient(scratch, SHORT, 0)
+    broken = dict(grads)
+    name = next(k for k in grads if "word_embeddings" in k)
+    broken[name] = grads[name].clone()
+    broken[name][5, 0] = float("nan")
+    for call in (lambda: ta.bag_of_words(broken, scratch), lambda: ta.span_recover(broken, scratch), lambda: ta.text_label(broken, scratch),
+                 lambda: ta.reconstruct_text(scratch, broken, ta.TextAttackConfig(iterations=1))):
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            call()
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0.0, inf\]"):
+        ta.span_recover(grads, scratch, threshold=-1e-6)
+    with pytest.raises(ValueError, match="length must be an int"):
+        ta.span_recover(grads, scratch, length=0)
+    with pytest.raises(ValueError, match="length must be an int"):
+        ta.span_recover(grads, scratch, length=513)
+
+
+def test_reconstruct_text_leaves_the_model_alone(scratch):
+    grads = nlp.text_gradient(scratch, SHORT, 0)
+    scratch.model.zero_grad(set_to_none=True)
+    ta.reconstruct_text(scratch, grads, ta.TextAttackConfig(iterations=2), progress=False)
+    assert all(p.grad is None for p in scratch.model.parameters()) and not scratch.model.training
 
 
 def test_token_accuracy_and_rouge():

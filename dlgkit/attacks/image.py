@@ -4,6 +4,7 @@ Start from random noise (and, in DLG, a random soft label), compute the gradient
 dummy example would produce on the shared model, and move the dummy so that its gradient
 matches the one the client shared. The gradient distance is differentiated with respect to
 the dummy input, which needs second derivatives of the model (hence smooth activations).
+The loop itself is :mod:`dlgkit.attacks.engine`'s; this module builds the image problem.
 
 Defined in :doc:`/book/02_single_image_dlg`.
 """
@@ -11,64 +12,68 @@ Defined in :doc:`/book/02_single_image_dlg`.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from dlgkit.attacks.labels import batch_labels, idlg_label
-from dlgkit.budget import progress_enabled
-from dlgkit.federated import check_gradients, soft_cross_entropy
+from dlgkit.attacks import engine
+from dlgkit.attacks.engine import PAPER_DLG, RECOMMENDED, RECOMMENDED_BATCH, AttackConfig, gradient_distance
+from dlgkit.attacks.labels import batch_labels, idlg_label, last_linear_layer
+from dlgkit.checks import SUCCESS_PSNR, check_positive_int
+from dlgkit.federated import check_gradients
 from dlgkit.models import warn_if_non_smooth
 
-__all__ = ["AttackResult", "reconstruct", "gradient_distance", "total_variation", "PAPER_DLG", "RECOMMENDED", "RECOMMENDED_BATCH"]
+__all__ = ["AttackConfig", "AttackResult", "AttackReport", "reconstruct", "gradient_distance", "total_variation", "PAPER_DLG", "RECOMMENDED", "RECOMMENDED_BATCH"]
 
-DISTANCES = ("l2", "cosine")
-OPTIMIZERS = ("lbfgs", "adam")
-INITS = ("gaussian", "uniform")
-LABEL_MODES = ("joint", "idlg")
-
-#: DLG exactly as in the paper's code: a random soft label optimised jointly with the image,
-#: Gaussian noise as the start, L-BFGS with step 1 and no line search, 300 steps. The early
-#: stop once the gradient distance is below 1e-6 is dlgkit's, not the paper's (its code always
-#: runs every step); it only saves time once the image is back.
-PAPER_DLG = dict(labels="joint", init="gaussian", optimizer="lbfgs", lr=1.0, line_search=False, iterations=300, restarts=1, tol=1e-6, tol_relative=False, patience=None)
-
-#: The course's recommendation for one image: the label read off the gradient (iDLG), a start
-#: drawn uniformly in [0, 1], L-BFGS with a strong-Wolfe line search (no divergence), a stop
-#: once the distance is below 1e-8 of the shared gradient's squared norm (scale-free, unlike the
-#: absolute 1e-6 of :data:`PAPER_DLG`), and up to four restarts when a run stalls. Measured in
-#: ``benchmarks/image_attacks.py``.
-RECOMMENDED = dict(labels="idlg", init="uniform", optimizer="lbfgs", lr=1.0, line_search=True, iterations=300, restarts=4, tol=1e-8, tol_relative=True, patience=10)
-
-#: For batches: :data:`RECOMMENDED` plus a small total-variation prior (weight 3e-4, tuned on
-#: batches of 8 LFW faces on the paper's LeNet). Without it, L-BFGS stalls on batches of 8 with
-#: every image uniformly noisy (about 20 dB); the prior removes that noise (about 35-40 dB).
-#: Measured in ``benchmarks/image_attacks.py``.
-RECOMMENDED_BATCH = dict(RECOMMENDED, tv=3e-4)
-
-
-def gradient_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor], distance: str = "l2") -> torch.Tensor:
-    """Distance between two gradient lists: ``"l2"`` is the paper's sum of squared differences,
-    ``"cosine"`` is ``1 - cos`` between the two gradients seen as one long vector
-    (Geiping et al., 2020). Defined in :doc:`/book/02_single_image_dlg`."""
-    if distance not in DISTANCES:
-        raise ValueError(f"distance={distance!r} is not known; choose one of {list(DISTANCES)}.")
-    if distance == "l2":
-        return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target))
-    dot = sum((d * t).sum() for d, t in zip(dummy, target))
-    norm_d = torch.sqrt(sum((d * d).sum() for d in dummy))
-    norm_t = torch.sqrt(sum((t * t).sum() for t in target))
-    return 1 - dot / (norm_d * norm_t + 1e-12)
+#: ``observe(model, x, y) -> list[Tensor]``: what the server sees for input ``x`` with labels ``y``.
+Observe = Callable[[nn.Module, torch.Tensor, torch.Tensor], list]
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between neighbouring pixels (a smoothness prior)."""
+    """Mean absolute difference between neighbouring pixels (a smoothness prior).
+    Defined in :doc:`/book/03_batched_dlg`."""
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+@dataclass(frozen=True)
+class AttackReport:
+    """Metrics of a reconstruction against the ground truth, the same fields for one image
+    and for a batch: means over the batch (``mse``, ``psnr``, ``ssim``), per-image values
+    (``psnr_per_image``, ``ssim_per_image``, after alignment), ``label_accuracy`` (aligned
+    pairs) and ``label_set_accuracy`` (order-free; both None without true labels), the final
+    gradient distance, iterations, wall time, the best trial's ``status`` and ``success``
+    (mean PSNR >= :data:`dlgkit.checks.SUCCESS_PSNR`). A diverged attack or a reconstruction
+    with NaN/inf has NaN metrics and ``success`` False. Fields can also be read as
+    ``report["psnr"]``. Defined in :doc:`/book/02_single_image_dlg`."""
+
+    mse: float
+    psnr: float
+    ssim: float
+    psnr_per_image: torch.Tensor
+    ssim_per_image: torch.Tensor
+    label_accuracy: float | None
+    label_set_accuracy: float | None
+    grad_distance: float
+    iterations: int
+    wall_time: float
+    status: str
+    success: bool
+
+    def __str__(self) -> str:
+        """One line: the means, the label accuracy, the distance, iterations, time and status."""
+        labels = "" if self.label_accuracy is None else f", label accuracy {self.label_accuracy:.3g}"
+        if self.psnr_per_image.numel() > 1 and self.label_set_accuracy is not None:
+            labels += f" (as a set {self.label_set_accuracy:.3g})"
+        return (f"PSNR {self.psnr:.3g} dB, SSIM {self.ssim:.3g}, MSE {self.mse:.3g}{labels}, gradient distance {self.grad_distance:.3g}, "
+                f"{self.iterations} iterations, {self.wall_time:.3g} s, {self.status}")
+
+    def __getitem__(self, key: str) -> object:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(f"{key!r} is not a field of AttackReport; the fields are {[f.name for f in fields(self)]}.")
+        return getattr(self, key)
 
 
 @dataclass
@@ -102,54 +107,89 @@ class AttackResult:
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else math.inf
 
-    def report(self, original: torch.Tensor, true_labels: torch.Tensor | None = None, align: bool = True) -> dict[str, float]:
-        """Metrics against the ground truth: MSE, PSNR, SSIM (means over the batch), label
-        accuracy when ``true_labels`` is given, gradient distance, iterations and wall time.
+    @property
+    def status(self) -> str:
+        """How the best restart ended."""
+        return self.statuses[self.best_restart] if self.statuses else "budget"
 
-        A batch is first aligned to the originals (:func:`dlgkit.metrics.align`, Hungarian
-        matching on MSE) unless ``align=False``; the report then adds ``label_set_accuracy``
-        (order-free) and keeps per-image values under ``psnr_per_image``/``ssim_per_image``."""
+    def report(self, original: torch.Tensor, true_labels: torch.Tensor | None = None, align: bool = True) -> AttackReport:
+        """Metrics against the ground truth (:class:`AttackReport`). A batch is first aligned to
+        the originals (:func:`dlgkit.metrics.align`, Hungarian matching on MSE) unless
+        ``align=False``. Defined in :doc:`/book/02_single_image_dlg`."""
         from dlgkit import metrics
 
-        rec = self.reconstruction.clamp(0, 1).cpu()
+        if not isinstance(original, torch.Tensor) or tuple(original.shape) != tuple(self.reconstruction.shape):
+            got = tuple(original.shape) if isinstance(original, torch.Tensor) else type(original).__name__
+            raise ValueError(f"original must be the true batch, of shape {tuple(self.reconstruction.shape)} like the reconstruction, got {got}.")
         original = original.detach().cpu()
-        if rec.shape[0] > 1 and align:
-            batch = metrics.batch_report(rec, original, self.labels, true_labels)
-            out = {k: v for k, v in batch.items() if k != "perm"}
-        else:
-            out = {
-                "mse": float(torch.as_tensor(metrics.mse(rec, original)).mean()),
-                "psnr": float(torch.as_tensor(metrics.psnr(rec, original)).mean()),
-                "ssim": float(torch.as_tensor(metrics.ssim(rec, original)).mean()),
-            }
-            if true_labels is not None:
-                out["label_accuracy"] = metrics.label_accuracy(self.labels, true_labels)
-        out.update(grad_distance=self.final_loss, iterations=float(self.iterations), wall_time=self.wall_time)
-        return out
+        n = original.shape[0]
+        if true_labels is not None:
+            true_labels = torch.as_tensor(true_labels).reshape(-1).cpu()
+            if true_labels.numel() != n:
+                raise ValueError(f"true_labels has {true_labels.numel()} entries for a batch of {n}.")
+        rec = self.reconstruction.detach().cpu()
+        common = dict(grad_distance=self.final_loss, iterations=self.iterations, wall_time=self.wall_time, status=self.status)
+        if self.status == "diverged" or not bool(torch.isfinite(rec).all()):
+            nan = torch.full((n,), math.nan)
+            labelled = math.nan if true_labels is not None else None
+            return AttackReport(mse=math.nan, psnr=math.nan, ssim=math.nan, psnr_per_image=nan, ssim_per_image=nan.clone(),
+                                label_accuracy=labelled, label_set_accuracy=labelled, success=False, **common)
+        rec = rec.clamp(0, 1)
+        perm = metrics.align(rec, original) if n > 1 and align else torch.arange(n)
+        aligned = rec[perm]
+        per_psnr = torch.as_tensor(metrics.psnr(aligned, original)).reshape(-1)
+        per_ssim = torch.as_tensor(metrics.ssim(aligned, original)).reshape(-1)
+        per_mse = torch.as_tensor(metrics.mse(aligned, original)).reshape(-1)
+        label_acc = set_acc = None
+        if true_labels is not None:
+            label_acc = metrics.label_accuracy(self.labels.reshape(-1)[perm], true_labels)
+            set_acc = metrics.multiset_label_accuracy(self.labels.reshape(-1), true_labels)
+        psnr = float(per_psnr.mean())
+        return AttackReport(mse=float(per_mse.mean()), psnr=psnr, ssim=float(per_ssim.mean()), psnr_per_image=per_psnr, ssim_per_image=per_ssim,
+                            label_accuracy=label_acc, label_set_accuracy=set_acc, success=psnr >= SUCCESS_PSNR, **common)
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not known; choose one of {list(allowed)}.")
+def _check_shape(shape: object) -> tuple[int, int, int, int]:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 4:
+        raise ValueError(f"shape must be the dummy batch's (N, C, H, W), four positive ints, got {shape!r}.")
+    return tuple(check_positive_int(f"shape[{i}]", s, hint="shape is (N, C, H, W) of the batch to reconstruct.") for i, s in enumerate(shape))  # type: ignore[return-value]
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+def _check_batch_size(model: nn.Module, target: list[torch.Tensor], batch: int) -> None:
+    """The last linear layer's weight gradient, ``(1/B) sum_i (p_i - e_{y_i}) h_i^T``, has rank
+    at most B, and B for B distinct examples (when B < number of classes and B <= its width):
+    a lower rank means the gradient came from fewer examples than ``shape`` says."""
+    try:
+        w_idx, _ = last_linear_layer(model)
+    except ValueError:
+        return
+    weight = target[w_idx].detach().double()
+    if weight.dim() != 2 or batch > min(weight.shape[0] - 1, weight.shape[1]):
+        return
+    s = torch.linalg.svdvals(weight.cpu())
+    rank = int((s > 1e-5 * s[0]).sum()) if float(s[0]) > 0 else 0
+    if rank < batch:
+        raise ValueError(
+            f"shape asks for a batch of {batch}, but the last layer's gradient has rank {rank}: it came from {rank} example(s) "
+            f"(a batch of B distinct examples gives rank B). Pass the client's batch size as shape[0]."
+        )
 
 
-def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object, num_classes: int, shape: tuple[int, ...]) -> tuple[str, torch.Tensor | None]:
+def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object, config: AttackConfig, num_classes: int, shape: tuple[int, ...]) -> tuple[str, torch.Tensor | None]:
     batch = shape[0]
-    if isinstance(labels, str):
-        _check_choice("labels", labels, LABEL_MODES)
-        if labels == "idlg":
+    if labels is None:
+        if config.labels == "idlg":
             if batch == 1:
                 return "idlg", torch.tensor([idlg_label(model, target)])
             return "idlg", batch_labels(model, target, batch, rule="probe", input_shape=shape)
         return "joint", None
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be 'joint', 'idlg' or a tensor of class indices, got {type(labels).__name__}.")
-    labels = labels.reshape(-1).long()
+        raise TypeError(f"labels must be None (use config.labels) or a tensor of class indices, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices (dtype int64), got dtype {labels.dtype}; a float label such as 3.7 is ambiguous.")
+    labels = labels.detach().reshape(-1).long().cpu()
     if labels.numel() != batch:
         raise ValueError(f"labels has {labels.numel()} entries but shape asks for a batch of {batch}.")
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -157,213 +197,123 @@ def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object
     return "known", labels
 
 
+def _image_problem(model: nn.Module, target: list[torch.Tensor], shape: tuple[int, ...], config: AttackConfig, mode: str,
+                   known: torch.Tensor | None, num_classes: int, observe: Observe | None, generator: torch.Generator) -> engine.Problem:
+    """One random start: the dummy batch (and in ``joint`` mode a dummy soft label), drawn from
+    ``generator``, and how the server would see it."""
+    param = next(p for p in model.parameters() if p.requires_grad)
+    noise = torch.randn(shape, generator=generator) if config.init == "gaussian" else torch.rand(shape, generator=generator)
+    dummy = noise.to(device=param.device, dtype=param.dtype).contiguous().requires_grad_(True)
+    variables = [dummy]
+    if mode == "joint":
+        dummy_label = torch.randn((shape[0], num_classes), generator=generator).to(device=param.device, dtype=param.dtype).requires_grad_(True)
+        variables.append(dummy_label)
+    else:
+        hard = known.to(param.device)
+
+    def seen(create_graph: bool) -> list[torch.Tensor]:
+        y = F.softmax(dummy_label, dim=-1) if mode == "joint" else hard
+        if observe is None:
+            return engine.gradient_observation(model, dummy, y, create_graph=create_graph)
+        return list(observe(model, dummy, y))
+
+    def project() -> None:
+        with torch.no_grad():
+            dummy.clamp_(0, 1)
+
+    return engine.Problem(
+        variables=variables,
+        observe=seen,
+        target=target,
+        priors={"tv": (config.tv, lambda: total_variation(dummy))},
+        project=project if config.clamp else None,
+        snapshot=lambda: dummy.detach().clamp(0, 1).cpu().clone(),
+    )
+
+
 def reconstruct(
     model: nn.Module,
     target_gradients: Sequence[torch.Tensor],
     shape: Sequence[int],
+    config: AttackConfig = RECOMMENDED,
     *,
-    labels: str | torch.Tensor = "idlg",
+    labels: torch.Tensor | None = None,
+    observe: Observe | None = None,
     num_classes: int | None = None,
-    distance: str = "l2",
-    tv: float = 0.0,
-    optimizer: str = "lbfgs",
-    lr: float | None = None,
-    iterations: int = 300,
-    restarts: int = 1,
-    init: str = "uniform",
-    clamp: bool = False,
-    tol: float | None = 1e-8,
-    tol_relative: bool = True,
-    patience: int | None = 10,
-    restart_policy: str = "failed",
-    line_search: bool = True,
-    history_every: int | None = 10,
     seed: int = 0,
+    history_every: int | None = 10,
     progress: bool | None = None,
 ) -> AttackResult:
     """Reconstruct the input (and label) that produced ``target_gradients`` on ``model``.
 
-    Parameters (keyword-only after ``shape``):
-
     - ``shape``: the dummy batch's shape ``(N, C, H, W)``; the attacker is assumed to know it.
-    - ``labels``: ``"joint"`` optimises a soft label with the image (DLG); ``"idlg"`` reads the
-      label from the last layer's gradient first (iDLG for one example; for a batch the
-      ``"probe"`` rule of :func:`dlgkit.attacks.labels.batch_labels`, which counts repeated
-      labels and survives a confident model); a tensor means known labels.
-    - ``distance``: ``"l2"`` (paper) or ``"cosine"``; ``tv`` weights a total-variation prior.
-    - ``optimizer``: ``"lbfgs"`` (paper; ``lr`` defaults to 1) or ``"adam"`` (``lr`` 0.1);
-      ``line_search=True`` (default) gives L-BFGS a strong-Wolfe line search; the paper used none.
-    - ``iterations``: optimiser steps per restart (one L-BFGS step runs up to 20 evaluations).
-    - ``restarts``: at most this many runs from independent random starts; the one with the
-      lowest final distance wins. With ``restart_policy="failed"`` (default) a new start is only
-      tried after a run diverged (NaN) or stalled (an L-BFGS run that has not improved for
-      ``patience`` iterations; None: never) more than 1000 times above ``tol``; a run that
-      converged, stalled close to ``tol``, or used its whole budget while still improving ends
-      the attack.
-      ``"always"`` runs them all. Adam's noisy curve is never cut short.
-    - ``tol``: a run stops once the distance falls below it. With ``tol_relative=True`` the
-      threshold is ``tol`` times the shared gradient's squared norm divided by B² (L2
-      distance): free of the model's gradient scale, and as strict per image for a batch, whose
-      images each enter the mean gradient with weight 1/B.
-    - ``init``: dummy starts as ``"gaussian"`` noise (paper) or ``"uniform"`` noise in [0, 1].
-    - ``clamp``: project the dummy onto [0, 1] after every step.
-    - ``history_every``: keep a snapshot every k iterations (and at 0); None keeps none.
-    - ``progress``: a tqdm bar per restart (None: on unless ``DLGKIT_PROGRESS=0``).
+      With the default observation it is cross-checked against the gradient (the rank of the
+      last layer's weight gradient is the number of distinct examples).
+    - ``config``: the attack's settings (:class:`~dlgkit.attacks.engine.AttackConfig`), by
+      default :data:`RECOMMENDED`; ``PAPER_DLG`` reproduces the paper; change a copy with
+      ``RECOMMENDED.with_(iterations=100)``.
+    - ``labels``: None uses ``config.labels`` (``"idlg"`` or ``"joint"``); a tensor of class
+      indices means the attacker knows the labels.
+    - ``observe(model, x, y) -> list[Tensor]``: what the server sees for input ``x`` with labels
+      ``y`` (class indices (N,) or probabilities (N, C)), differentiable with respect to ``x``.
+      Default: the gradient of the cross-entropy with respect to the model's parameters
+      (:func:`~dlgkit.attacks.engine.gradient_observation`); ``target_gradients`` must match
+      its output tensor by tensor. The gradient list is checked against the model (count and
+      shapes); which parameter each tensor belongs to cannot be checked where shapes repeat,
+      so keep the order of ``model.parameters()``.
+    - ``seed``: one CPU generator seeded with it draws every start; ``history_every``: keep a
+      snapshot every k iterations (and at 0 and the end); None keeps none. ``progress``: a tqdm
+      bar per restart (None: on unless ``DLGKIT_PROGRESS=0``).
 
-    The defaults are the course's recommended attack (see :data:`RECOMMENDED`, which also sets
-    ``restarts=4``); ``reconstruct(..., **PAPER_DLG)`` reproduces the paper.
-
+    The model runs in eval mode during the attack and is left as it was (mode and ``.grad``).
     Defined in :doc:`/book/02_single_image_dlg`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    target = [t.detach() for t in check_gradients(model, target_gradients, name="target_gradients")]
-    shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
-    if not isinstance(shape, tuple) or len(shape) != 4 or min(shape) <= 0:
-        raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape!r}.")
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("optimizer", optimizer, OPTIMIZERS)
-    _check_choice("init", init, INITS)
-    _check_positive_int("iterations", iterations)
-    _check_positive_int("restarts", restarts)
-    _check_choice("restart_policy", restart_policy, ("failed", "always"))
-    if history_every is not None:
-        _check_positive_int("history_every", history_every)
-    if patience is not None:
-        _check_positive_int("patience", patience)
-    if tv < 0:
-        raise ValueError(f"tv must be >= 0, got {tv!r}.")
-    warn_if_non_smooth(model)
-    progress = progress_enabled(progress)
-
+    if not isinstance(config, AttackConfig):
+        raise TypeError(f"config must be a dlgkit.attacks.AttackConfig (e.g. attacks.RECOMMENDED.with_(iterations=100)), got {type(config).__name__}.")
+    if observe is not None and not callable(observe):
+        raise TypeError(f"observe must be a function (model, x, y) -> list of tensors, got {type(observe).__name__}.")
+    target = engine.check_target("target_gradients", target_gradients)
+    shape = _check_shape(shape)
+    if observe is None:
+        target = check_gradients(model, target, name="target_gradients")
+        _check_batch_size(model, target, shape[0])
     params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True); there is no gradient to match.")
+    warn_if_non_smooth(model)
     if num_classes is None:
-        num_classes = int(getattr(model, "num_classes", 0)) or None
+        num_classes = int(getattr(model, "num_classes", 0) or 0) or None
     if num_classes is None:
         raise ValueError("num_classes is needed: the model has no num_classes attribute.")
-    mode, known = _resolve_labels(model, target, labels, num_classes, shape)
-    target = [t.to(device) for t in target]
-    lr = lr if lr is not None else (1.0 if optimizer == "lbfgs" else 0.1)
-    if tol is not None and tol_relative and distance == "l2":
-        tol = tol * float(sum((t.double() ** 2).sum() for t in target)) / shape[0] ** 2
-
-    start_time = time.perf_counter()
-    best: dict | None = None
-    restart_losses: list[float] = []
-    statuses: list[str] = []
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for restart in range(restarts):
-        run = _single_run(
-            model, params, target, shape, mode, known, num_classes, distance, tv, optimizer, lr,
-            iterations, init, clamp, tol, patience, line_search, history_every, generator, device,
-            progress=progress, desc=f"DLG restart {restart + 1}/{restarts}" if restarts > 1 else "DLG",
+    check_positive_int("num_classes", num_classes)
+    device = params[0].device
+    with engine.caller_model_untouched(model):
+        mode, known = _resolve_labels(model, target, labels, config, num_classes, shape)
+        target = [t.to(device) for t in target]
+        tol = engine.absolute_tol(config, target, shape[0])
+        outcome = engine.run(
+            lambda generator: _image_problem(model, target, shape, config, mode, known, num_classes, observe, generator),
+            config, tol=tol, seed=seed, history_every=history_every, progress=progress, desc="DLG",
         )
-        restart_losses.append(run["final"])
-        statuses.append(run["status"])
-        if best is None or run["final"] < best["final"]:
-            best = dict(run, restart=restart)
-        failed = run["status"] == "diverged" or (run["status"] == "stalled" and (tol is None or run["final"] > 1e3 * tol))
-        if restart_policy == "failed" and not failed:
-            break  # converged, still improving at the end of its budget, or stalled close to tol
-    assert best is not None
+    best = outcome.best_trial
+    dummy = best.problem.variables[0]
+    if mode == "joint":
+        probs = F.softmax(best.problem.variables[1].detach(), dim=-1).cpu()
+        found = probs.argmax(dim=-1)
+    else:
+        probs, found = None, known.cpu()
     return AttackResult(
-        reconstruction=best["x"],
-        labels=best["labels"],
-        losses=best["losses"],
-        history=best["history"],
-        history_iters=best["history_iters"],
-        wall_time=time.perf_counter() - start_time,
-        restart_losses=restart_losses,
-        statuses=statuses,
-        best_restart=best["restart"],
+        reconstruction=dummy.detach().cpu(),
+        labels=found,
+        losses=best.losses,
+        history=best.history,
+        history_iters=best.history_iters,
+        wall_time=outcome.wall_time,
+        restart_losses=[t.final for t in outcome.trials],
+        statuses=[t.status for t in outcome.trials],
+        best_restart=outcome.best,
         label_mode=mode,
-        label_probs=best["probs"],
+        label_probs=probs,
     )
-
-
-def _single_run(model, params, target, shape, mode, known, num_classes, distance, tv, optimizer, lr,
-                iterations, init, clamp, tol, patience, line_search, history_every, generator, device, progress, desc) -> dict:
-    noise = torch.randn(shape, generator=generator) if init == "gaussian" else torch.rand(shape, generator=generator)
-    dummy = noise.to(device=device, dtype=params[0].dtype).contiguous().requires_grad_(True)
-    variables = [dummy]
-    if mode == "joint":
-        dummy_label = torch.randn((shape[0], num_classes), generator=generator).to(device=device, dtype=params[0].dtype).requires_grad_(True)
-        variables.append(dummy_label)
-    else:
-        hard = known.to(device)
-
-    def objective(prior: bool = True) -> torch.Tensor:
-        target_y = F.softmax(dummy_label, dim=-1) if mode == "joint" else hard
-        loss = soft_cross_entropy(model(dummy), target_y)
-        grads = torch.autograd.grad(loss, params, create_graph=prior)
-        value = gradient_distance(grads, target, distance)
-        if tv > 0 and prior:
-            value = value + tv * total_variation(dummy)
-        return value
-
-    if optimizer == "lbfgs":
-        opt: torch.optim.Optimizer = torch.optim.LBFGS(
-            variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None
-        )
-    else:
-        opt = torch.optim.Adam(variables, lr=lr)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        value = objective()
-        value.backward()
-        return value
-
-    history, history_iters, losses = [], [], []
-
-    def snapshot(i: int) -> None:
-        if history_every is not None and i % history_every == 0:
-            history.append(dummy.detach().clamp(0, 1).cpu().clone())
-            history_iters.append(i)
-
-    snapshot(0)
-    diverged, status = False, "budget"
-    bar = tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False)
-    for i in bar:
-        before = opt.step(closure)
-        if clamp:
-            with torch.no_grad():
-                dummy.clamp_(0, 1)
-        # L-BFGS moves a long way within one step, so measure where it landed (one extra
-        # evaluation against up to 20 inside the step); Adam's own value is one step behind.
-        # With a prior, the reported distance (and the stopping rules) are the gradient distance alone.
-        current = float(objective(prior=False).detach()) if optimizer == "lbfgs" or tv > 0 else float(before.detach())
-        if not math.isfinite(current):
-            diverged, status = True, "diverged"
-            losses.append(math.inf)
-            break
-        losses.append(current)
-        snapshot(i)
-        if progress and i % 10 == 0:
-            bar.set_postfix(distance=f"{current:.2e}")
-        if tol is not None and current < tol:
-            status = "converged"
-            break
-        if optimizer == "lbfgs" and patience is not None and len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1 - 1e-9):
-            status = "stalled"  # no progress in `patience` steps: a restart is cheaper
-            break
-    bar.close()
-    if history_every is not None and history_iters[-1] != len(losses) and not diverged:
-        history.append(dummy.detach().clamp(0, 1).cpu().clone())
-        history_iters.append(len(losses))
-    if mode == "joint":
-        probs = F.softmax(dummy_label.detach(), dim=-1).cpu()
-        labels = probs.argmax(dim=-1)
-    else:
-        probs, labels = None, known.cpu()
-    return {
-        "x": dummy.detach().cpu(),
-        "labels": labels,
-        "probs": probs,
-        "losses": losses,
-        "history": history,
-        "history_iters": history_iters,
-        "final": math.inf if diverged else losses[-1],
-        "status": status,
-    }

@@ -20,18 +20,21 @@ Defined in :doc:`/book/04_text_dlg`.
 from __future__ import annotations
 
 import html
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from dlgkit.budget import device_of, progress_enabled
+from dlgkit.attacks import engine
+from dlgkit.attacks.engine import DECODERS, TextAttackConfig
+from dlgkit.budget import device_of
+from dlgkit.checks import check_finite_tensors, check_number, check_positive_int, check_seed
 from dlgkit.nlp import TextModel, check_double_backward
 
-__all__ = ["BAG_RULES", "BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
+__all__ = ["BAG_RULES", "BagOfWords", "bag_of_words", "text_label", "SpanResult", "span_residuals", "span_recover", "TextAttackConfig", "TextAttackResult", "reconstruct_text", "decode_embeddings", "mark_tokens", "history_table"]
 
 
 def _param_name(tm: TextModel, param: torch.nn.Parameter) -> str:
@@ -49,9 +52,16 @@ def _embeddings(tm: TextModel):
     return base, emb
 
 
-def _require(grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _check_grads(grads: object) -> None:
     if not isinstance(grads, dict):
         raise TypeError(f"gradients must be a dict from parameter name to tensor (as dlgkit.nlp.text_gradient returns), got {type(grads).__name__}.")
+    for name, g in grads.items():
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"gradients[{name!r}] is a {type(g).__name__}, expected a tensor.")
+        check_finite_tensors(f"gradients[{name!r}]", g)
+
+
+def _require(grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in grads:
         raise KeyError(f"the shared gradients have no entry {name!r}; were they computed on this model?")
     return grads[name]
@@ -97,6 +107,7 @@ def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel, rule: str = "exa
     carry only noise, so the bulk measures the noise, and the few used rows stand out until the
     noise is comparable to them (chapter 5 measures where).
     """
+    _check_grads(grads)
     if rule not in BAG_RULES:
         raise ValueError(f"rule={rule!r} is not known; choose one of {list(BAG_RULES)}.")
     if not isinstance(k, (int, float)) or isinstance(k, bool) or not k > 0:
@@ -114,6 +125,7 @@ def bag_of_words(grads: dict[str, torch.Tensor], tm: TextModel, rule: str = "exa
 def text_label(grads: dict[str, torch.Tensor], tm: TextModel) -> int:
     """The label of one sentence from the classifier's bias gradient (softmax minus one-hot:
     only the true class is negative), the text version of iDLG's rule."""
+    _check_grads(grads)
     head = [k for k in grads if k.endswith("bias") and grads[k].dim() == 1 and grads[k].numel() == tm.num_labels]
     if not head:
         raise ValueError("no classifier bias gradient found among the shared gradients.")
@@ -198,6 +210,8 @@ def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torc
     Defined in :doc:`/book/04_text_dlg`.
     """
     start = time.perf_counter()
+    check_number("threshold", threshold, low=0.0, hint="It is the largest relative residual off the span that counts as in the input, e.g. 1e-6.")
+    check_positive_int("rank", rank, allow_none=True)
     bag = bag_of_words(grads, tm)
     if isinstance(candidates, str):
         if candidates not in ("bag", "vocab"):
@@ -206,7 +220,7 @@ def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torc
     candidates = torch.as_tensor(candidates, dtype=torch.long).flatten().cpu()
     if candidates.numel() == 0:
         raise ValueError("no candidate tokens to test.")
-    length = bag.length if length is None else length
+    length = _check_length(bag.length if length is None else length, tm, 1)
     g = _first_layer_gradient(grads, tm)
     basis = _span_basis(g, rank)  # one SVD for every position
     used = basis.shape[1]
@@ -225,8 +239,10 @@ def span_recover(grads: dict[str, torch.Tensor], tm: TextModel, candidates: torc
 class TextAttackResult:
     """Outcome of :func:`reconstruct_text`: the decoded ``ids`` (with [CLS]/[SEP]), their
     ``text``, the decoded ids every ``record_every`` steps in ``history`` (with ``iters``), the
-    gradient distance per step in ``losses``, the label used, the wall time and the final
-    dummy input ``embeddings`` (L, d), for decoding them another way."""
+    gradient distance per step in ``losses`` (priors left out), the label used, the wall time,
+    the final dummy input ``embeddings`` (L, d), for decoding them another way, and how the
+    best trial ended (``status``: ``diverged`` means the ids are those last recorded before
+    the distance turned NaN)."""
 
     ids: torch.Tensor
     text: str
@@ -236,143 +252,132 @@ class TextAttackResult:
     label: int = 0
     seconds: float = 0.0
     embeddings: torch.Tensor | None = None
+    status: str = "budget"
 
 
-PARAMETRIZATIONS = ("embedding", "bag")
-DECODERS = ("cosine", "euclidean", "bag")
+class _TextProblem:
+    """The fixed parts of a text attack (model, target, bag, ends, mask, span basis) and the
+    engine problem of one random start."""
+
+    def __init__(self, tm: TextModel, grads: dict[str, torch.Tensor], config: TextAttackConfig, length: int, label: int, bag: BagOfWords) -> None:
+        _, emb = _embeddings(tm)
+        self.tm, self.config, self.length, self.emb = tm, config, length, emb
+        self.word = emb.word_embeddings.weight.detach()
+        special = tm.special_ids
+        self.special = special
+        inner = bag.ids[~torch.isin(bag.ids, torch.tensor([special["cls"], special["sep"], special["pad"]]))]
+        if inner.numel() == 0:
+            raise ValueError("the bag of words holds no ordinary token; is this the gradient of a sentence?")
+        device = self.word.device
+        self.inner = inner.to(device)
+        self.free = length - 2 if config.fix_special else length
+        names = [k for k, p in tm.model.named_parameters() if p.requires_grad and p is not emb.word_embeddings.weight]
+        self.params = [p for k, p in tm.model.named_parameters() if k in set(names)]
+        self.target = [_require(grads, k).to(device) for k in names]
+        self.ends = (self.word[special["cls"]][None, None], self.word[special["sep"]][None, None])
+        self.y = torch.tensor([label], device=device)
+        self.mask = torch.ones(1, length, dtype=torch.long, device=device)
+        self.types = torch.zeros(1, length, dtype=torch.long, device=device)
+        self.span_basis = _span_basis(_first_layer_gradient(grads, tm)).float().to(device) if config.span_weight > 0 else None
+
+    def embeds(self, z: torch.Tensor) -> torch.Tensor:
+        core = z if self.config.parametrization == "embedding" else torch.softmax(z, dim=-1) @ self.word[self.inner]
+        return torch.cat([self.ends[0], core, self.ends[1]], dim=1) if self.config.fix_special else core
+
+    @torch.no_grad()
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        if self.config.parametrization == "bag":
+            core = self.inner[z[0].argmax(dim=1)].cpu()
+        else:
+            core = decode_embeddings(self.tm, z[0], self.config.decode, bag=self.inner)
+        if self.config.fix_special:
+            core = torch.cat([torch.tensor([self.special["cls"]]), core, torch.tensor([self.special["sep"]])])
+        return core
+
+    def span_prior(self, e: torch.Tensor) -> torch.Tensor:
+        """Mean squared relative distance of the first layer's dummy inputs from the span."""
+        emb = self.emb
+        x = emb.LayerNorm(e[0] + emb.position_embeddings.weight[: self.length] + emb.token_type_embeddings.weight[0])
+        off = x - (x @ self.span_basis) @ self.span_basis.T
+        return (off.norm(dim=1) / x.norm(dim=1)).pow(2).mean()
+
+    def __call__(self, generator: torch.Generator) -> engine.Problem:
+        device, d = self.word.device, self.word.shape[1]
+        if self.config.parametrization == "embedding":
+            z = (torch.randn(1, self.free, d, generator=generator) * self.word.std().cpu()).to(device)
+        else:
+            z = (torch.randn(1, self.free, self.inner.numel(), generator=generator) * 0.1).to(device)
+        z = z.contiguous().requires_grad_(True)
+        current: dict[str, torch.Tensor] = {}
+
+        def seen(create_graph: bool) -> list[torch.Tensor]:
+            current["e"] = e = self.embeds(z)  # the span prior reads the same embeddings
+            out = self.tm.model(inputs_embeds=e, attention_mask=self.mask, token_type_ids=self.types, labels=self.y)
+            return list(torch.autograd.grad(out.loss, self.params, create_graph=create_graph))
+
+        return engine.Problem(
+            variables=[z], observe=seen, target=self.target,
+            priors={"span": (self.config.span_weight, lambda: self.span_prior(current["e"]))},
+            snapshot=lambda: self.ids(z),
+        )
+
+
+def _check_length(length: object, tm: TextModel, low: int) -> int:
+    top = tm.max_length
+    if not isinstance(length, numbers.Integral) or isinstance(length, bool) or not low <= int(length) <= top:
+        raise ValueError(f"length must be an int in [{low}, {top}] (the model has {top} positions), got {length!r}.")
+    return int(length)
 
 
 def reconstruct_text(
     tm: TextModel,
     grads: dict[str, torch.Tensor],
+    config: TextAttackConfig = TextAttackConfig(),
     *,
     length: int | None = None,
     label: int | None = None,
-    parametrization: str = "embedding",
-    decode: str = "bag",
-    optimizer: str = "adam",
-    lr: float | None = None,
-    iterations: int = 300,
-    fix_special: bool = True,
-    distance: str = "l2",
-    span_weight: float = 0.0,
-    record_every: int = 10,
     seed: int = 0,
+    record_every: int = 10,
     progress: bool | None = None,
 ) -> TextAttackResult:
-    """Leak 2: DLG for text on one sentence. Defined in :doc:`/book/04_text_dlg`.
+    """Leak 2: DLG for text on one sentence, on :mod:`dlgkit.attacks.engine`'s loop.
+    Defined in :doc:`/book/04_text_dlg`.
 
+    ``config`` (:class:`~dlgkit.attacks.engine.TextAttackConfig`) holds the settings:
     ``parametrization="embedding"`` optimises a free vector per position (the paper's setting)
     and decodes it with ``decode`` (``"cosine"`` or ``"euclidean"`` over the whole vocabulary,
-    or ``"bag"``: the most similar token of the bag of words). ``"bag"`` optimises, per position,
-    a softmax over the bag's embeddings and decodes the most likely token. ``length`` and
-    ``label`` default to what the gradient reveals (:func:`bag_of_words`, :func:`text_label`).
-    ``fix_special`` pins [CLS] and [SEP] at both ends. ``distance`` is ``"l2"`` (the paper's)
+    or ``"bag"``: the most similar token of the bag of words); ``"bag"`` optimises, per
+    position, a softmax over the bag's embeddings and decodes the most likely token.
+    ``fix_special`` pins [CLS] and [SEP] at both ends; ``distance`` is ``"l2"`` (the paper's)
     or ``"cosine"``; the word-embedding gradient itself is left out of the matching (dummy
     embeddings produce none). ``span_weight > 0`` adds the distance of each dummy input of the
     first layer from the span of that layer's shared gradient (the idea of DAGER) as a prior.
+    ``length`` and ``label`` default to what the gradient reveals (:func:`bag_of_words`,
+    :func:`text_label`). The ids are recorded every ``record_every`` steps (and at 0 and the
+    end). The model is left as it was (mode and ``.grad``).
     """
-    if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization={parametrization!r} is not known; choose one of {list(PARAMETRIZATIONS)}.")
-    if decode not in DECODERS:
-        raise ValueError(f"decode={decode!r} is not known; choose one of {list(DECODERS)}.")
-    if optimizer not in ("adam", "lbfgs"):
-        raise ValueError(f"optimizer={optimizer!r} is not known; choose 'adam' or 'lbfgs'.")
-    if distance not in ("l2", "cosine"):
-        raise ValueError(f"distance={distance!r} is not known; choose 'l2' or 'cosine'.")
-    if iterations < 0 or record_every < 1:
-        raise ValueError("iterations must be >= 0 and record_every >= 1.")
+    if not isinstance(config, TextAttackConfig):
+        raise TypeError(f"config must be a dlgkit.attacks.TextAttackConfig (e.g. TextAttackConfig(iterations=100)), got {type(config).__name__}.")
+    check_positive_int("record_every", record_every)
+    check_seed("seed", seed)
     check_double_backward(tm.model)
-    model = tm.model
+    _check_grads(grads)
     start = time.perf_counter()
     bag = bag_of_words(grads, tm)
-    length = bag.length if length is None else int(length)
-    if length < 3 and fix_special:
-        raise ValueError(f"length={length}: a sentence has at least [CLS], one token and [SEP].")
-    label = text_label(grads, tm) if label is None else int(label)
-    _, emb = _embeddings(tm)
-    word = emb.word_embeddings.weight.detach()
-    special = tm.special_ids
-    inner = bag.ids[~torch.isin(bag.ids, torch.tensor([special["cls"], special["sep"], special["pad"]]))]
-    if inner.numel() == 0:
-        raise ValueError("the bag of words holds no ordinary token; is this the gradient of a sentence?")
-    device = word.device
-    inner = inner.to(device)
-    free = length - 2 if fix_special else length
-    gen = torch.Generator().manual_seed(seed)
-    if parametrization == "embedding":
-        z = (torch.randn(1, free, word.shape[1], generator=gen) * word.std().cpu()).to(device)
-    else:
-        z = (torch.randn(1, free, inner.numel(), generator=gen) * 0.1).to(device)
-    z.requires_grad_(True)
-    lr = lr if lr is not None else (0.01 if parametrization == "embedding" else 0.1)
-    if optimizer == "lbfgs":
-        z = z.contiguous()
-        opt = torch.optim.LBFGS([z], lr=lr, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
-    else:
-        opt = torch.optim.Adam([z], lr=lr)
-
-    names = [k for k, p in model.named_parameters() if p.requires_grad and p is not emb.word_embeddings.weight]
-    params = [p for k, p in model.named_parameters() if k in set(names)]
-    target = [_require(grads, k).to(device) for k in names]
-    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
-    ends = (word[special["cls"]][None, None], word[special["sep"]][None, None])
-    y = torch.tensor([label], device=device)
-    mask = torch.ones(1, length, dtype=torch.long, device=device)
-    types = torch.zeros(1, length, dtype=torch.long, device=device)
-    span_basis = None
-    if span_weight > 0:
-        span_basis = _span_basis(_first_layer_gradient(grads, tm)).float().to(device)
-
-    def embeds() -> torch.Tensor:
-        core = z if parametrization == "embedding" else torch.softmax(z, dim=-1) @ word[inner]
-        return torch.cat([ends[0], core, ends[1]], dim=1) if fix_special else core
-
-    def current_ids() -> torch.Tensor:
-        with torch.no_grad():
-            if parametrization == "bag":
-                core = inner[z[0].argmax(dim=1)].cpu()
-            else:
-                core = decode_embeddings(tm, z[0], decode, bag=inner)
-        if fix_special:
-            core = torch.cat([torch.tensor([special["cls"]]), core, torch.tensor([special["sep"]])])
-        return core
-
-    def objective() -> torch.Tensor:
-        e = embeds()
-        out = model(inputs_embeds=e, attention_mask=mask, token_type_ids=types, labels=y)
-        dummy = torch.autograd.grad(out.loss, params, create_graph=True)
-        if distance == "l2":
-            loss = sum(((d - t) ** 2).sum() for d, t in zip(dummy, target))
-        else:
-            dot = sum((d * t).sum() for d, t in zip(dummy, target))
-            loss = 1 - dot / (torch.sqrt(sum((d * d).sum() for d in dummy)) * target_norm + 1e-12)
-        if span_basis is not None:
-            x = emb.LayerNorm(e[0] + emb.position_embeddings.weight[:length] + emb.token_type_embeddings.weight[0])
-            off = x - (x @ span_basis) @ span_basis.T
-            loss = loss + span_weight * (off.norm(dim=1) / x.norm(dim=1)).pow(2).mean()
-        return loss
-
-    history, iters, losses = [], [], []
-    for it in tqdm(range(iterations + 1), desc="text DLG", disable=not progress_enabled(progress), leave=False):
-        if it % record_every == 0 or it == iterations:
-            history.append(current_ids())
-            iters.append(it)
-        if it == iterations:
-            break
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = objective()
-            loss.backward()
-            return loss
-
-        loss = opt.step(closure)
-        losses.append(float(loss.detach()))
-        if not torch.isfinite(loss):
-            break
-    ids = history[-1]
-    return TextAttackResult(ids=ids, text=tm.decode(ids), history=history, iters=iters, losses=losses, label=label, seconds=time.perf_counter() - start, embeddings=embeds().detach()[0].cpu())
+    length = _check_length(bag.length if length is None else length, tm, 3 if config.fix_special else 1)
+    if label is None:
+        label = text_label(grads, tm)
+    elif not isinstance(label, numbers.Integral) or isinstance(label, bool) or not 0 <= int(label) < tm.num_labels:
+        raise ValueError(f"label must be an int class index in [0, {tm.num_labels}), got {label!r}.")
+    setup = _TextProblem(tm, grads, config, length, int(label), bag)
+    with engine.caller_model_untouched(tm.model):
+        outcome = engine.run(setup, config, tol=engine.absolute_tol(config, setup.target, 1), seed=seed,
+                             history_every=record_every, progress=progress, desc="text DLG")
+    best = outcome.best_trial
+    z = best.problem.variables[0]
+    ids = best.history[-1]
+    return TextAttackResult(ids=ids, text=tm.decode(ids), history=best.history, iters=best.history_iters, losses=best.losses, label=int(label),
+                            seconds=time.perf_counter() - start, embeddings=setup.embeds(z).detach()[0].cpu(), status=best.status)
 
 
 @torch.no_grad()
