@@ -160,3 +160,18 @@ def test_bad_inputs_give_clear_errors(faces):
         im.exact_matches(x[:2], x[:2] * 255)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         inspect_model("lenet")
+
+
+def test_varied_faces_is_a_seeded_continuous_population():
+    a, b = im.varied_faces(300, seed=4), im.varied_faces(300, seed=4)
+    assert a.shape == (300, 1, 32, 32) and torch.equal(a, b) and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert len(torch.unique(im.brightness(a))) == 300  # more distinct brightness values than the 100 faces
+    assert not torch.equal(a, im.varied_faces(300, seed=5))
+
+
+def test_best_psnr_scores_each_batch_image_by_its_nearest_recovery(faces):
+    x, _ = faces
+    best = im.best_psnr(torch.stack([x[1], (x[0] + 0.01).clamp(0, 1)]), x[:3])
+    assert float(best[1]) > 200 and 35 < float(best[0]) < 41 and float(best[2]) < 35
+    assert torch.isinf(im.best_psnr(torch.zeros(0, 1, 32, 32), x[:2])).all()
+    assert not im.exact_matches(torch.zeros(0, 1, 32, 32), x[:2]).any()

@@ -30,10 +30,12 @@ __all__ = [
     "EXACT_PSNR",
     "PlantedModel",
     "brightness",
+    "varied_faces",
     "imprint_thresholds",
     "imprint_model",
     "imprint_recover",
     "expected_recovered_fraction",
+    "best_psnr",
     "exact_matches",
 ]
 
@@ -94,6 +96,26 @@ def brightness(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1, got {getattr(images, 'shape', type(images).__name__)}.")
     check_finite_tensors("images", images)
     return images.flatten(1).mean(1)
+
+
+def varied_faces(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` images drawn from a continuous population made of the 100 LFW faces (32x32, grey):
+    a face picked at random, its pixels raised to a power ``gamma = 2**u`` with ``u`` uniform in
+    [-1, 1], mirrored with probability 1/2. Its brightness has a continuous distribution, so
+    batches of any size (more than 100) can be drawn, and a server's public sample (another
+    seed) fits the same distribution as the clients'. Shape (n, 1, 32, 32), values in [0, 1].
+    Explained in chapter 7 of the book."""
+    from dlgkit.data import lfw_faces
+
+    n = check_positive_int("n", n)
+    faces, _ = lfw_faces(n=100, size=32)
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
+    pick = torch.randint(0, len(faces), (n,), generator=gen)
+    gamma = 2.0 ** (torch.rand(n, generator=gen) * 2 - 1)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = faces[pick].clamp(0, 1) ** gamma.view(n, 1, 1, 1)
+    out[flip] = out[flip].flip(-1)
+    return out
 
 
 def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
@@ -186,18 +208,26 @@ def expected_recovered_fraction(batch_size: int, bins: int | None = None, probab
     return float(np.sum(p * (1.0 - p) ** (b - 1)))
 
 
-def exact_matches(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Which images of ``batch`` some recovered image reproduces exactly, PSNR >= 60 dB (peak 1,
-    pixels in [0, 1]; a max absolute error <= 1e-4 means PSNR >= 80 dB, so it passes too): a
-    boolean tensor of shape (N,).
-    The recovered fraction is its mean. Explained in chapter 7 of the book."""
+def best_psnr(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """For each image of ``batch``, the PSNR (dB, peak 1: pixels in [0, 1]) of the recovered
+    image closest to it, shape (N,); ``-inf`` when nothing was recovered. Distances are computed
+    in float64 without the matrix-product shortcut, so exact recoveries read as exact.
+    Explained in chapter 7 of the book."""
     check_unit_range("batch", batch)
     if not isinstance(recovered, torch.Tensor) or (recovered.numel() and recovered.shape[1:] != batch.shape[1:]):
         raise ValueError(f"recovered must be a tensor of shape (M, {', '.join(map(str, batch.shape[1:]))}) like the batch's images, got {getattr(recovered, 'shape', type(recovered).__name__)}.")
     if recovered.numel() == 0:
-        return torch.zeros(len(batch), dtype=torch.bool)
+        return torch.full((len(batch),), -math.inf, dtype=torch.float64)
     check_finite_tensors("recovered", recovered)
     a, b = recovered.double().flatten(1), batch.double().flatten(1)
-    dist = torch.cdist(b, a, compute_mode="donot_use_mm_for_euclid_dist")  # (N, M), exact for tiny distances
+    dist = torch.cdist(b, a, compute_mode="donot_use_mm_for_euclid_dist")  # (N, M)
     mse = dist.amin(1).pow(2) / a.shape[1]
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-30)) >= EXACT_PSNR
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-30))
+
+
+def exact_matches(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Which images of ``batch`` some recovered image reproduces exactly, PSNR >= 60 dB
+    (:func:`best_psnr`; a max absolute error <= 1e-4 means PSNR >= 80 dB, so it passes too): a
+    boolean tensor of shape (N,). The recovered fraction is its mean.
+    Explained in chapter 7 of the book."""
+    return best_psnr(recovered, batch) >= EXACT_PSNR
