@@ -83,7 +83,7 @@ def test_imprint_model_keeps_the_honest_prediction(faces):
 
 def test_noise_destroys_exact_recovery(faces):
     x, y = faces
-    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(x, 256))
+    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(im.varied_faces(1000, seed=1), 256))
     grads = client_gradient(model, x[:16], y[:16])
     clean = im.exact_matches(im.imprint_recover(model, grads), x[:16]).float().mean()
     noisy = add_noise(grads, 1e-4, generator=torch.Generator().manual_seed(0))
@@ -128,6 +128,8 @@ def test_bad_inputs_give_clear_errors(faces):
         im.imprint_thresholds(x, 0)
     with pytest.raises(ValueError, match="same brightness.*degenerate"):
         im.imprint_thresholds(torch.full((10, 1, 4, 4), 0.5), 4)
+    with pytest.raises(ValueError, match="bins=256 needs at least 256 public images"):
+        im.imprint_thresholds(x, 256)
     with pytest.raises(ValueError, match="too few distinct brightness values"):
         im.imprint_thresholds(torch.tensor([0.2, 0.4, 0.6]).repeat_interleave(5).view(15, 1, 1, 1).expand(15, 1, 4, 4), 8)
     with pytest.raises(ValueError, match="strictly increasing"):

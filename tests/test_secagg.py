@@ -61,3 +61,5 @@ def test_secagg_bad_inputs():
         simulate_secagg(task.FLSettings(mode="fedsgd"), [], num_clients=2)
     with pytest.raises(ValueError, match="num_clients must be a positive int"):
         simulate_secagg(task.FLSettings(mode="fedsgd"), [task.make_model(task.FLSettings())], num_clients=0)
+    with pytest.raises(ValueError, match="num_clients must be at least 2 for SecAgg"):
+        simulate_secagg(task.FLSettings(mode="fedsgd"), [task.make_model(task.FLSettings())], num_clients=1)

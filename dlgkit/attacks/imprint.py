@@ -124,13 +124,16 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
 
     ``c_i`` is the ``(i-1)/k`` quantile of the public brightness for ``i >= 2``, so the bins
     ``(c_i, c_{i+1}]`` and the top bin ``(c_k, inf)`` are equally likely, each ``1/k``, under the
-    public distribution. ``c_1`` (the 0 quantile) is put one range below the public minimum, so
+    public distribution. ``c_1`` (the 0 quantile) is put below the public minimum by the public range
+    (at least 1), so
     a client image darker than every public one still falls in the first bin. Raises a
     ``ValueError`` when the public brightness has too few distinct values for ``bins``
     increasing thresholds (e.g. all images equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
     stats = brightness(public_images).double().numpy()
+    if bins > len(stats):
+        raise ValueError(f"bins={bins} needs at least {bins} public images to place its quantiles, got {len(stats)}; use fewer bins or more public images (e.g. varied_faces).")
     lo, hi = float(stats.min()), float(stats.max())
     if bins > 1 and hi - lo <= 1e-12:
         raise ValueError(f"public_images all have the same brightness ({lo:.6g}): the statistic is degenerate and cannot be cut into {bins} bins; use varied public images, or bins=1.")

@@ -108,13 +108,15 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
     (the run's LeNet, or a :class:`~dlgkit.attacks.imprint.PlantedModel` around it), and return
     the strategy with ``.aggregates``. Updates are clipped to ``clipping_range`` and quantised to
     ``quantization_range`` levels (an error of about ``clipping_range / quantization_range``
-    per entry). SecAgg+ needs 3 or more shares, so with fewer than 3 clients every client
-    shares with all. Explained in chapter 7 of the book."""
+    per entry). SecAgg+ needs at least 2 clients and 3 or more shares (with fewer than 3
+    clients every client shares with all). Explained in chapter 7 of the book."""
     from flwr.simulation import run_simulation
 
     if not isinstance(settings, FLSettings) or settings.mode != "fedsgd":
         raise ValueError(f"settings must be an FLSettings with mode='fedsgd' (the aggregate is then a mean gradient), got {settings!r}.")
     n = check_positive_int("num_clients", num_clients)
+    if n < 2:
+        raise ValueError(f"num_clients must be at least 2 for SecAgg+ (Flower's workflow refuses to sample fewer), got {n}; with one client the server sees its update as it is (client_gradient).")
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise ValueError("models must be a non-empty list of torch models, one per round (the run's LeNet or a PlantedModel around it).")
     clip = check_number("clipping_range", clipping_range, low=0.0, low_open=True)
