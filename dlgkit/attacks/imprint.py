@@ -124,11 +124,12 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
 
     ``c_i`` is the ``(i-1)/k`` quantile of the public brightness for ``i >= 2``, so the bins
     ``(c_i, c_{i+1}]`` and the top bin ``(c_k, inf)`` are equally likely, each ``1/k``, under the
-    public distribution. ``c_1`` (the 0 quantile) is put below the public minimum by the public range
-    (at least 1), so
-    a client image darker than every public one still falls in the first bin. Raises a
-    ``ValueError`` when the public brightness has too few distinct values for ``bins``
-    increasing thresholds (e.g. all images equally bright).
+    public distribution. ``c_1`` (the 0 quantile) is put below the public minimum by the public
+    range (at least 1), so a client image darker than every public one still falls in the first
+    bin (quantiles ``i/k`` instead would leave a dead bin below ``c_1`` and make only ``k - 1``
+    bins count). Raises a ``ValueError`` for more bins than public images, or when the public
+    brightness has too few distinct values for ``bins`` increasing thresholds (e.g. all images
+    equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
     stats = brightness(public_images).double().numpy()
