@@ -16,7 +16,9 @@ table also varies the scale of the planted back layer (:class:`dlgkit.attacks.im
 The last table runs Flower's SecAgg+ (:func:`dlgkit.fl.secagg.simulate_secagg`) with N clients
 holding one face each: the honest attack of chapters 2-3 (labels known, one L-BFGS run) on the
 aggregate, aimed at client 0's face alone and at the whole batch of N faces (Hungarian-aligned
-mean PSNR), and the imprint model sent to every client, scored against all N faces. N = 1 is
+mean PSNR), and the imprint model sent to every client, scored against all N faces (exact,
+PSNR >= 60 dB, and recognisable, >= 30 dB: SecAgg+'s quantisation blurs faces whose gradient is
+tiny). N = 1 is
 the server seeing the lone client's gradient (SecAgg+ needs 2 clients).
 
 Run: ``python benchmarks/malicious.py`` (``--trials 3`` for a quick look).
@@ -36,6 +38,7 @@ import torch
 
 from dlgkit import attacks
 from dlgkit.attacks import imprint, trap
+from dlgkit.checks import SUCCESS_PSNR
 from dlgkit.defences import add_noise
 from dlgkit.federated import client_gradient
 from dlgkit.metrics import batch_report, psnr
@@ -130,7 +133,7 @@ def secagg_table(clients: Sequence[int], iterations: int, bins: int = 256) -> li
         for p, w in zip(planted.model.parameters(), honest.parameters()):
             p.copy_(w)
     lines = [
-        "| clients N | seconds (SecAgg+ run) | honest attack, client 0's face (dB) | honest batch attack, mean over N faces (dB) | imprint, recovered fraction (closed form) |",
+        "| clients N | seconds (SecAgg+ run) | honest attack, client 0's face (dB) | honest batch attack, mean over N faces (dB) | imprint, fraction >= 60 dB / >= 30 dB (closed form) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for n in clients:
@@ -144,10 +147,14 @@ def secagg_table(clients: Sequence[int], iterations: int, bins: int = 256) -> li
             seen = simulate_secagg(settings, [honest, planted], num_clients=n).aggregates
             took = f"{time.time() - start:.0f}"
         one = attacks.reconstruct(honest, seen[0], parts[0][0].shape, attacks.RECOMMENDED.with_(iterations=iterations, restarts=1), labels=parts[0][1], seed=0)
-        batch = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, seed=0)
-        score = batch_report(batch.reconstruction, x)["psnr"]
-        hit = float(imprint.exact_matches(imprint.imprint_recover(planted, seen[1]), x).float().mean())
-        lines.append(f"| {n} | {took} | {float(psnr(one.reconstruction, parts[0][0])):.1f} | {score:.1f} | {hit:.3f} ({imprint.expected_recovered_fraction(n, bins=bins):.3f}) |")
+        try:
+            batch = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, seed=0)
+            score = f"{batch_report(batch.reconstruction, x)['psnr']:.1f}"
+        except ValueError as err:  # the engine's rank check: a batch whose last-layer gradient looks like fewer examples
+            score = "refused: " + str(err).split(":")[0]
+        best = imprint.best_psnr(imprint.imprint_recover(planted, seen[1]), x)
+        hit, seen_ok = float((best >= imprint.EXACT_PSNR).float().mean()), float((best >= SUCCESS_PSNR).float().mean())
+        lines.append(f"| {n} | {took} | {float(psnr(one.reconstruction, parts[0][0])):.1f} | {score} | {hit:.3f} / {seen_ok:.3f} ({imprint.expected_recovered_fraction(n, bins=bins):.3f}) |")
         print(lines[-1], flush=True)
     return lines
 

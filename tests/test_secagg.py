@@ -1,6 +1,6 @@
 """Chapter 7's secure aggregation: under Flower's SecAgg+ the server sees only the mean of the
-clients' gradients. That hides one client's face from the honest attack of chapters 2-3, but
-an imprint model sent to every client still gives the faces back through the sum."""
+clients' gradients. That hides one client's face from the honest one-image attack of chapter 2,
+but an imprint model sent to every client still gives the faces back through the sum."""
 
 import pytest
 import torch
@@ -35,6 +35,8 @@ def test_server_sees_only_the_mean_of_the_clients_gradients(run):
 
 
 def test_secagg_hides_one_client_from_the_honest_attack(run):
+    # chapter 2's attack aimed at one client's face; a batch attack on the sum (chapter 3) can
+    # still find the N faces when N is small, without saying whose (benchmarks/malicious.py)
     strategy, honest, _, clients = run
     (x0, y0) = clients[0]
     cfg = attacks.RECOMMENDED.with_(iterations=100, restarts=1)

@@ -102,13 +102,14 @@ class SecAggRecorder(LegacyFedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
-def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clients: int, clipping_range: float = 8.0, quantization_range: int = 2**26, quiet: bool = True) -> SecAggRecorder:
+def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clients: int, clipping_range: float = 8.0, quantization_range: int = 2**30, quiet: bool = True) -> SecAggRecorder:
     """Run ``len(models)`` FedSGD rounds under SecAgg+ with ``num_clients`` simulated clients
     (client ``i`` holds partition ``i`` of ``settings``), round ``r`` training ``models[r - 1]``
     (the run's LeNet, or a :class:`~dlgkit.attacks.imprint.PlantedModel` around it), and return
     the strategy with ``.aggregates``. Updates are clipped to ``clipping_range`` and quantised to
     ``quantization_range`` levels (an error of about ``clipping_range / quantization_range``
-    per entry). SecAgg+ needs at least 2 clients and 3 or more shares (with fewer than 3
+    per entry; Flower's default of 2**22 levels blurs the imprint of a face whose gradient is
+    small, so the default here is 2**30, the server's choice, with a modulus of 2**40). SecAgg+ needs at least 2 clients and 3 or more shares (with fewer than 3
     clients every client shares with all). Explained in chapter 7 of the book."""
     from flwr.simulation import run_simulation
 
