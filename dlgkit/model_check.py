@@ -1,0 +1,71 @@
+"""What a client can check in a model a server sends it, before training on it: the signatures
+of chapter 7's malicious layers.
+
+- Imprint layer (Fowl et al., 2022): many rows of one linear layer point the same way (they all
+  measure one statistic) and differ only in their bias, which climbs a ladder of quantiles.
+  Rows of an honestly initialised or trained layer are never parallel.
+- Trap weights (Boenisch et al., 2023): in nearly every row the negative entries outweigh the
+  positive ones by a little. In a random layer about half the rows lean each way.
+
+Explained in chapter 7 of the book (the malicious server; what a client can do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dlgkit.checks import check_number, check_positive_int
+
+__all__ = ["ModelInspection", "inspect_model"]
+
+
+@dataclass
+class ModelInspection:
+    """The verdict of :func:`inspect_model`: ``suspicious`` is True when some layer looks
+    planted, and ``reasons`` says which layer and why (one line each).
+    Explained in chapter 7 of the book."""
+
+    suspicious: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.suspicious
+
+
+def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_parallel: int = 3, trap_fraction: float = 0.9, min_rows: int = 32) -> ModelInspection:
+    """Check every ``nn.Linear`` of ``model`` for an imprint layer (at least ``min_parallel``
+    rows whose pairwise cosine similarity is at least ``parallel_cosine``) and for trap weights
+    (a layer of at least ``min_rows`` rows in which at least ``trap_fraction`` of the rows have a
+    positive part smaller than, but more than half of, their negative part). The honest models
+    of the course pass; the models of :func:`dlgkit.attacks.imprint.imprint_model` and
+    :func:`dlgkit.attacks.trap.trap_model` are flagged. A server that knows the check can hide
+    from it (e.g. by rotating rows a little), so passing is no proof of honesty.
+    Explained in chapter 7 of the book."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    cos_min = check_number("parallel_cosine", parallel_cosine, low=0.0, high=1.0, low_open=True)
+    min_parallel = check_positive_int("min_parallel", min_parallel)
+    if min_parallel < 2:
+        raise ValueError(f"min_parallel must be at least 2 (parallel means two or more rows), got {min_parallel}.")
+    frac = check_number("trap_fraction", trap_fraction, low=0.5, high=1.0, low_open=True)
+    min_rows = check_positive_int("min_rows", min_rows)
+    reasons = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.Linear) or layer.out_features < 2 or layer.in_features < 2:
+            continue
+        w = layer.weight.detach().double()
+        unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        cos = unit @ unit.T
+        partners = (cos >= cos_min).sum(1)  # each row counts itself
+        group = int(partners.max())
+        if group >= min_parallel:
+            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}); an honest layer has none (an imprint layer repeats one row with many biases).")
+        if layer.out_features >= min_rows:
+            pos, neg = w.clamp_min(0).sum(1), -w.clamp_max(0).sum(1)
+            ratio = pos / neg.clamp_min(1e-300)
+            leaning = float(((ratio < 1) & (ratio > 0.5)).double().mean())
+            if leaning >= frac:
+                reasons.append(f"{name or 'model'}: {leaning:.0%} of {layer.out_features} rows have a positive part a little smaller than the negative part: trap weights.")
+    return ModelInspection(bool(reasons), reasons)

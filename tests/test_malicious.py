@@ -1,0 +1,179 @@
+"""Chapter 7's malicious server: the imprint module, trap weights, the client's model check,
+and their bad inputs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dlgkit.attacks import imprint as im
+from dlgkit.attacks import trap
+from dlgkit.data import lfw_faces
+from dlgkit.defences import add_noise
+from dlgkit.federated import client_gradient
+from dlgkit.model_check import inspect_model
+from dlgkit.models import LeNet
+
+SHAPE = (1, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return lfw_faces(n=100, size=32, num_classes=10)
+
+
+def _lenet():
+    return LeNet(channels=1, num_classes=10, image_size=32, seed=0)
+
+
+# --- imprint: the closed form ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch, bins", [(8, 16), (32, 64), (64, 16), (128, 256)])
+def test_closed_form_matches_monte_carlo(batch, bins):
+    gen = torch.Generator().manual_seed(1)
+    trials = 4000
+    which = torch.randint(0, bins, (trials, batch), generator=gen)
+    counts = torch.zeros(trials, bins).scatter_add_(1, which, torch.ones(trials, batch))
+    alone = counts.gather(1, which) == 1
+    mc = float(alone.double().mean())
+    expected = im.expected_recovered_fraction(batch, bins=bins)
+    assert expected == pytest.approx((1 - 1 / bins) ** (batch - 1))
+    assert abs(mc - expected) < 4 * math.sqrt(expected * (1 - expected) / trials) + 1e-3
+
+
+def test_closed_form_with_unequal_bins_and_a_dead_region():
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.2])  # bin 0 is the dead region below c_1
+    trials, batch = 20000, 6
+    which = torch.multinomial(probs, trials * batch, replacement=True, generator=gen).view(trials, batch)
+    counts = torch.zeros(trials, 5).scatter_add_(1, which, torch.ones(trials, batch))
+    alone = (counts.gather(1, which) == 1) & (which > 0)
+    expected = im.expected_recovered_fraction(batch, probabilities=probs[1:].tolist())
+    assert abs(float(alone.double().mean()) - expected) < 0.01
+    assert im.expected_recovered_fraction(batch, probabilities=[0.25] * 4) == pytest.approx(im.expected_recovered_fraction(batch, bins=4))
+
+
+# --- imprint: recovery ------------------------------------------------------------------------
+
+
+def test_imprint_recovers_single_images_exactly(faces):
+    x, y = faces
+    th = im.imprint_thresholds(x, 64)
+    model = im.imprint_model(_lenet(), SHAPE, th)
+    batch, labels = x[:32], y[:32]
+    rec = im.imprint_recover(model, client_gradient(model, batch, labels))
+    # ground truth: which images are alone in their bin
+    bin_of = torch.bucketize(im.brightness(batch), th, right=False) - 1
+    alone = (bin_of[:, None] == bin_of[None, :]).sum(1) == 1
+    ok = im.exact_matches(rec, batch)
+    assert alone.sum() >= 10 and torch.equal(ok, alone)
+    best = torch.cdist(batch[alone].flatten(1).double(), rec.flatten(1).double()).amin(1)
+    assert float(best.max()) / 32 < 1e-4  # RMS error far below 60 dB's 1e-3
+    assert len(rec) == len(set(bin_of.tolist()))
+
+
+def test_imprint_model_keeps_the_honest_prediction(faces):
+    x, _ = faces
+    honest = _lenet()
+    model = im.imprint_model(honest, SHAPE, im.imprint_thresholds(x, 16), decoder_scale=1e-4)
+    assert torch.allclose(model(x[:8]), honest(x[:8]), atol=1e-2)
+
+
+def test_noise_destroys_exact_recovery(faces):
+    x, y = faces
+    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(im.varied_faces(1000, seed=1), 256))
+    grads = client_gradient(model, x[:16], y[:16])
+    clean = im.exact_matches(im.imprint_recover(model, grads), x[:16]).float().mean()
+    noisy = add_noise(grads, 1e-4, generator=torch.Generator().manual_seed(0))
+    hit = im.exact_matches(im.imprint_recover(model, noisy), x[:16]).float().mean()
+    assert clean > 0.8 and hit == 0.0
+
+
+# --- trap weights ----------------------------------------------------------------------------
+
+
+def test_trap_rows_lean_negative_and_recover_images(faces):
+    x, y = faces
+    w = trap.trap_weights(1024, 200, margin=0.05, seed=3)
+    pos, neg = w.clamp_min(0).sum(1), -w.clamp_max(0).sum(1)
+    assert torch.allclose(pos, 0.95 * neg, rtol=1e-5)
+    model = trap.trap_model(_lenet(), SHAPE, neurons=1000, margin=0.03)
+    ok = im.exact_matches(trap.trap_recover(model, client_gradient(model, x[:8], y[:8])), x[:8])
+    assert bool(ok.all())
+    ok32 = im.exact_matches(trap.trap_recover(model, client_gradient(model, x[:64], y[:64])), x[:64])
+    assert 0.1 < float(ok32.float().mean()) < 1.0  # bigger batches: more neurons see several images
+
+
+# --- the client's check ----------------------------------------------------------------------
+
+
+def test_inspection_flags_planted_models_and_passes_honest_ones(faces):
+    x, _ = faces
+    assert not inspect_model(_lenet())
+    assert not inspect_model(nn.Sequential(nn.Linear(1024, 1000), nn.ReLU(), nn.Linear(1000, 10)))
+    imp = inspect_model(im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(x, 64)))
+    assert imp.suspicious and any("front: 64 of 64 rows are parallel" in r for r in imp.reasons)
+    tr = inspect_model(trap.trap_model(_lenet(), SHAPE, neurons=500))
+    assert tr.suspicious and any("front: 100% of 500" in r and "trap" in r for r in tr.reasons)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(faces):
+    x, y = faces
+    with pytest.raises(ValueError, match="bins must be a positive int"):
+        im.imprint_thresholds(x, 0)
+    with pytest.raises(ValueError, match="same brightness.*degenerate"):
+        im.imprint_thresholds(torch.full((10, 1, 4, 4), 0.5), 4)
+    with pytest.raises(ValueError, match="bins=256 needs at least 256 public images"):
+        im.imprint_thresholds(x, 256)
+    with pytest.raises(ValueError, match="too few distinct brightness values"):
+        im.imprint_thresholds(torch.tensor([0.2, 0.4, 0.6]).repeat_interleave(5).view(15, 1, 1, 1).expand(15, 1, 4, 4), 8)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        im.imprint_model(_lenet(), SHAPE, torch.tensor([0.1, 0.1, 0.3]))
+    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(x, 16))
+    grads = client_gradient(model, x[:4], y[:4])
+    with pytest.raises(ValueError, match="one tensor per parameter of the planted model"):
+        im.imprint_recover(model, grads[2:])
+    with pytest.raises(ValueError, match=r"gradients\[0\] must have shape \(16, 1024\)"):
+        im.imprint_recover(model, [grads[0].T] + grads[1:])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        im.imprint_recover(model, [grads[0] * float("nan")] + grads[1:])
+    with pytest.raises(TypeError, match="PlantedModel"):
+        im.imprint_recover(_lenet(), grads)
+    with pytest.raises(ValueError, match=r"inputs must have shape \(N, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="exactly one of bins"):
+        im.expected_recovered_fraction(8)
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        im.expected_recovered_fraction(8, probabilities=[0.7, 0.7])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        im.expected_recovered_fraction(0, bins=4)
+    with pytest.raises(ValueError, match=r"weight must be a tensor of shape \(neurons, 1024\)"):
+        im.PlantedModel(_lenet(), SHAPE, torch.zeros(4, 100), torch.zeros(4))
+    with pytest.raises(ValueError, match="margin must lie in"):
+        trap.trap_weights(1024, 10, margin=1.0)
+    with pytest.raises(ValueError, match="neurons must be a positive int"):
+        trap.trap_model(_lenet(), SHAPE, neurons=0)
+    with pytest.raises(ValueError, match="pixel values in"):
+        im.exact_matches(x[:2], x[:2] * 255)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        inspect_model("lenet")
+
+
+def test_varied_faces_is_a_seeded_continuous_population():
+    a, b = im.varied_faces(300, seed=4), im.varied_faces(300, seed=4)
+    assert a.shape == (300, 1, 32, 32) and torch.equal(a, b) and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert len(torch.unique(im.brightness(a))) == 300  # more distinct brightness values than the 100 faces
+    assert not torch.equal(a, im.varied_faces(300, seed=5))
+
+
+def test_best_psnr_scores_each_batch_image_by_its_nearest_recovery(faces):
+    x, _ = faces
+    best = im.best_psnr(torch.stack([x[1], (x[0] + 0.01).clamp(0, 1)]), x[:3])
+    assert float(best[1]) > 200 and 35 < float(best[0]) < 41 and float(best[2]) < 35
+    assert torch.isinf(im.best_psnr(torch.zeros(0, 1, 32, 32), x[:2])).all()
+    assert not im.exact_matches(torch.zeros(0, 1, 32, 32), x[:2]).any()
