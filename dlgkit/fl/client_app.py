@@ -24,7 +24,13 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the shared update."""
     settings = FLSettings.from_config(dict(msg.content["config"]))
-    model = make_model(settings)
+    return train_and_reply(make_model(settings), msg, context, settings)
+
+
+def train_and_reply(model: torch.nn.Module, msg: Message, context: Context, settings: FLSettings) -> Message:
+    """Load the message's weights into ``model``, train on this node's partition with
+    ``settings`` and reply with the shared update and the example count (the honest client of
+    chapter 6 and, on a planted model, the victim of chapter 7)."""
     with torch.no_grad():
         for p, w in zip(model.parameters(), record_to_tensors(msg.content["arrays"], model)):
             p.copy_(w)

@@ -33,7 +33,7 @@ from dlgkit.checks import check_nonnegative_int, check_positive_int
 from dlgkit.fl import client_app as honest_client
 from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
 from dlgkit.fl.server_app import CuriousFedAvg, run_server
-from dlgkit.fl.task import FLSettings, load_partition, local_train, make_model
+from dlgkit.fl.task import FLSettings, make_model
 
 __all__ = ["INPUT_SHAPE", "Harvest", "MaliciousFedAvg", "planted_client_model", "simulate_malicious", "app"]
 
@@ -158,15 +158,7 @@ def train(msg: Message, context: Context) -> Message:
     if _KEY not in config:
         return honest_client.train(msg, context)
     settings = FLSettings.from_config(config)
-    model = planted_client_model(settings, int(config[_KEY]))
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), record_to_tensors(msg.content["arrays"], model)):
-            p.copy_(w)
-    partition_id = int(context.node_config["partition-id"])
-    x, y = load_partition(settings, partition_id, int(context.node_config["num-partitions"]))
-    shared = local_train(model, x, y, settings)
-    content = RecordDict({"arrays": tensors_to_record(shared, model), "metrics": MetricRecord({"num-examples": len(x)}), "client": ConfigRecord({"partition-id": partition_id})})
-    return Message(content=content, reply_to=msg)
+    return honest_client.train_and_reply(planted_client_model(settings, int(config[_KEY])), msg, context, settings)
 
 
 def simulate_malicious(settings: FLSettings, planted: PlantedModel, num_clients: int = 3, num_rounds: int = 1, target: int = 0, quiet: bool = True) -> MaliciousFedAvg:
