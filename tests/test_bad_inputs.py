@@ -615,6 +615,36 @@ def test_seeds_must_be_non_negative_ints(seed, which):
     assert error is not None and "seed" in str(error)
 
 
+# --- hostile calls found by a probe (each failed before its fix) -------------------------------
+
+
+def test_fl_settings_refuse_unknown_keys_and_store_plain_numbers():
+    pytest.importorskip("flwr")
+    from dlgkit.fl.task import FLSettings
+
+    with pytest.raises(ValueError, match=r"unknown keys \['local_steps'\]; the allowed keys are .*'local-steps'"):
+        FLSettings.from_config({"local_steps": 5, "lr": 0.5})
+    with pytest.raises(TypeError, match="config must be a dict"):
+        FLSettings.from_config(None)
+    assert FLSettings.from_config({"num-clients": 2, "lr": 0.5}, ignore_unknown=True).lr == 0.5
+    s = FLSettings(local_steps=np.int64(2), lr=np.float32(0.5), seed=np.int64(1))
+    assert (type(s.local_steps), type(s.lr), type(s.seed)) == (int, float, int)
+
+
+def test_fl_arrays_names_must_be_strings_and_unnamed_records_get_a_hint():
+    pytest.importorskip("flwr")
+    from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
+
+    tensors = [torch.zeros(2), torch.ones(3)]
+    for names in ([0, 1], "ab"):
+        with pytest.raises(TypeError, match="names must be the model the tensors belong to or a list of str"):
+            tensors_to_record(tensors, names=names)
+    model = nn.Sequential(nn.Linear(2, 1))
+    record = tensors_to_record([p.detach() for p in model.parameters()])
+    with pytest.raises(ValueError, match="packed without names.*names=model"):
+        record_to_tensors(record, model)
+
+
 if __name__ == "__main__":
     counts: dict[str, int] = {}
     for case in CASES:
