@@ -645,6 +645,37 @@ def test_fl_arrays_names_must_be_strings_and_unnamed_records_get_a_hint():
         record_to_tensors(record, model)
 
 
+def test_inspect_model_flags_non_finite_weights():
+    from dlgkit.model_check import inspect_model
+
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[0, 0] = math.nan
+    verdict = inspect_model(layer)
+    assert verdict.suspicious and "NaN or inf" in verdict.reasons[0]
+
+
+def test_imprint_and_trap_check_scale_and_shape_and_leave_the_global_rng_alone():
+    from dlgkit.attacks import imprint, trap
+
+    public = imprint.varied_faces(20, seed=1)
+    with pytest.raises(ValueError, match="divide by 255"):
+        imprint.imprint_thresholds(public * 255, 4)
+    with pytest.raises(ValueError, match="floating-point image"):
+        imprint.brightness((public * 255).to(torch.uint8))
+    th = imprint.imprint_thresholds(public, 4)
+    model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0)
+    for call in (lambda: imprint.imprint_model(model, 64, th), lambda: trap.trap_model(model, 64, neurons=8)):
+        with pytest.raises(TypeError, match=r"input_shape must be the shape of one input.*\(1, 32, 32\)"):
+            call()
+    for call in (lambda: imprint.imprint_model(model, (1, 32, 32), th, seed=3), lambda: trap.trap_model(model, (1, 32, 32), neurons=8, seed=3)):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        call()
+        assert torch.equal(torch.rand(3), expected)
+
+
 if __name__ == "__main__":
     counts: dict[str, int] = {}
     for case in CASES:
