@@ -676,6 +676,39 @@ def test_imprint_and_trap_check_scale_and_shape_and_leave_the_global_rng_alone()
         assert torch.equal(torch.rand(3), expected)
 
 
+def _check_output(check, fn) -> tuple[bool, str]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = check(fn)
+    return result, buf.getvalue()
+
+
+def test_exercise_checks_grade_float_ids_float64_answers_and_sys_exit():
+    import torch.nn.functional as F
+
+    from dlgkit.exercises import images as ex_images
+    from dlgkit.exercises import text as ex_text
+
+    def ids(g):
+        return (g != 0).any(1).nonzero().flatten()
+
+    assert _check_output(ex_text.check_bag_of_words, ids)[0] is True
+    for wrong in (lambda g: ids(g).double() + 0.5, lambda g: [str(i) for i in ids(g).tolist()], lambda g: [None]):
+        result, out = _check_output(ex_text.check_bag_of_words, wrong)
+        assert result is False and "whole numbers" in out, out
+
+    def grads64(m, x, y):
+        return [g.double() for g in torch.autograd.grad(F.cross_entropy(m(x), y), list(m.parameters()))]
+
+    result, out = _check_output(ex_images.check_shared_gradient, grads64)
+    assert result is True, out  # graded in the check's float32, not a crash blamed on the student
+    result, out = _check_output(ex_images.check_shared_gradient, lambda m, x, y: sys.exit(1))
+    assert result is False and "your function raised SystemExit" in out, out
+
+
 if __name__ == "__main__":
     counts: dict[str, int] = {}
     for case in CASES:
