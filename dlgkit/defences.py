@@ -29,7 +29,14 @@ from torch import nn
 
 from dlgkit.attacks.engine import AttackConfig, check_target, grads_restored
 from dlgkit.budget import device_of, resolve_device
-from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR, check_nonnegative_int, check_positive_int, check_seed, check_unit_range
+from dlgkit.checks import (
+    STOPPED_PSNR,
+    SUCCESS_PSNR,
+    check_nonnegative_int,
+    check_positive_int,
+    check_seed,
+    check_unit_range,
+)
 from dlgkit.federated import check_gradients, client_gradient, client_update
 
 __all__ = [
