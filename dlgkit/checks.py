@@ -94,9 +94,10 @@ def check_number(
 
 
 def check_seed(name: str, value: object) -> int:
-    """A seed for a ``torch.Generator``: an int >= 0."""
-    if not _is_int(value) or int(value) < 0:
-        raise ValueError(f"{name} must be an int >= 0 (a seed for a torch.Generator), got {value!r}.")
+    """A seed for a ``torch.Generator``: an int in [0, 2**63 - 1] (NumPy integers too); returns
+    it as a plain ``int``, which callers must use (torch refuses ``np.int64``)."""
+    if not _is_int(value) or not 0 <= int(value) <= 2**63 - 1:
+        raise ValueError(f"{name} must be an int >= 0 and at most 2**63 - 1 (a seed for a torch.Generator), got {value!r}.")
     return int(value)
 
 

@@ -21,7 +21,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,14 @@ from torch import nn
 
 from dlgkit.attacks.engine import AttackConfig, check_target, grads_restored
 from dlgkit.budget import device_of, resolve_device
-from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR, check_positive_int, check_seed
+from dlgkit.checks import (
+    STOPPED_PSNR,
+    SUCCESS_PSNR,
+    check_nonnegative_int,
+    check_positive_int,
+    check_seed,
+    check_unit_range,
+)
 from dlgkit.federated import check_gradients, client_gradient, client_update
 
 __all__ = [
@@ -66,7 +73,11 @@ NOISE_DISTRIBUTIONS = ("gaussian", "laplacian")
 PRUNE_SCOPES = ("layer", "global")
 QUANTISE_DTYPES = ("fp16", "int8")
 def _check_number(name: str, value: object, low: float = 0.0, high: float | None = None, fix: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Like :func:`dlgkit.checks.check_number` (NumPy and one-element torch scalars accepted),
+    with the bounds written as this module's messages have them."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
     value = float(value)
     if not math.isfinite(value) or value < low or (high is not None and value > high):
@@ -153,6 +164,8 @@ def quantise(gradients: Sequence[torch.Tensor], dtype: str) -> list[torch.Tensor
     out = []
     for g in grads:
         if dtype == "fp16":
+            if g.numel() and float(g.abs().max()) > torch.finfo(torch.float16).max:
+                warnings.warn(f"quantise: entries above {torch.finfo(torch.float16).max:g} in magnitude become inf in fp16; the shared gradient will hold inf.", stacklevel=2)
             out.append(g.to(torch.float16).to(g.dtype))
             continue
         scale = g.abs().max() / 127
@@ -217,8 +230,7 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: f
     noise_multiplier = _check_number("noise_multiplier", noise_multiplier)
     sample_rate = _check_number("sample_rate", sample_rate, 0.0, 1.0, fix="It is batch size / dataset size.")
     delta = _check_number("delta", delta, 0.0, 1.0, fix="Use a delta well below 1 / dataset size, e.g. 1e-5.")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
+    steps = check_nonnegative_int("steps", steps)
     if accountant not in ("rdp", "prv"):
         raise ValueError(f"accountant={accountant!r} is not known; choose 'rdp' or 'prv'.")
     if steps == 0 or sample_rate == 0:
@@ -326,6 +338,10 @@ class Defence:
             object.__setattr__(self, "kind", own)  # e.g. Prune(strength=0.7)
         if self.kind != own:
             raise ValueError(f"kind={self.kind!r} is not known for {type(self).__name__} (a {own!r} defence); choose one of {list(DEFENCES)}.")
+        for name in ("strength", "max_grad_norm"):  # NumPy and torch scalars are stored as plain floats
+            value = getattr(self, name)
+            if (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                object.__setattr__(self, name, float(value))
         self.check()
 
     def check(self) -> None:
@@ -415,7 +431,11 @@ class PruneGlobal(Prune, kind="prune_global", description="zero the fraction `st
 
 
 class _Quantise(Defence):
-    """A round trip through a low-precision format (:func:`quantise`), named by the kind."""
+    """A round trip through a low-precision format (:func:`quantise`), named by the kind. The
+    strength is ignored and stored as 0, so ``Defence("fp16", 0.3) == Defence("fp16")``."""
+
+    def check(self) -> None:
+        object.__setattr__(self, "strength", 0.0)
 
     def transform(self, gradients: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
         return quantise(gradients, self.kind)
@@ -506,7 +526,10 @@ def attack_defended(
     :class:`PruningAwareModel` (only the shared entries are matched). ``local_lr`` is the
     client's learning rate for ``local_steps`` (the default matches :func:`train_with_defence`,
     so attack and training see the same defence). The caller's model keeps its ``.grad`` and
-    mode. Defined in :doc:`/book/05_defences`.
+    mode. A shared gradient that is all zero (e.g. ``Defence("prune", 1.0)``) has nothing to
+    attack: ``psnr`` and ``ssim`` are NaN, ``status`` is ``"nothing to attack"`` and the
+    reconstruction is blank (in :func:`privacy_accuracy_sweep` such a row neither leaks nor
+    counts as stopped). Defined in :doc:`/book/05_defences`.
     """
     from dlgkit.attacks.image import reconstruct
 
@@ -516,7 +539,7 @@ def attack_defended(
         raise TypeError(f"attack must be a dlgkit.attacks.AttackConfig (e.g. attacks.AttackConfig(iterations=60)), got {type(attack).__name__}.")
     if adaptive and not isinstance(defence, Prune):
         raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
-    check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     with grads_restored(model):
         if isinstance(defence, DPSGD):
@@ -526,6 +549,9 @@ def attack_defended(
         shared = defence.share(model, x, y, generator=generator, local_lr=local_lr)
     if defence.attack_distance is not None:
         attack = attack.with_(distance=defence.attack_distance)
+    if not any(bool(t.any()) for t in shared):  # e.g. prune 1.0: nothing to attack, no score
+        return {"psnr": math.nan, "ssim": math.nan, "relative_change": relative_change(shared, clean), "iterations": 0,
+                "wall_time": 0.0, "status": "nothing to attack", "reconstruction": torch.zeros_like(x).cpu()}
     target_model = PruningAwareModel(model, shared) if adaptive else model
     result = reconstruct(target_model, shared, tuple(x.shape), attack, labels=y, seed=seed, history_every=None, progress=False)
     report = result.report(x, y)
@@ -587,7 +613,7 @@ def train_with_defence(
         raise TypeError(f"defence must be a dlgkit.defences.Defence, got {type(defence).__name__}.")
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
-    check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     _check_number("lr", lr)
     _check_number("local_lr", local_lr)
     device = resolve_device(device)
@@ -647,11 +673,18 @@ def privacy_accuracy_sweep(
     from dlgkit.budget import progress_enabled
     from dlgkit.models import LeNet
 
+    if isinstance(defences, Defence) or not isinstance(defences, Iterable):
+        raise TypeError(f"defences must be a list of Defence objects, got {type(defences).__name__}; wrap a single one in a list: [defence].")
+    defences = list(defences)  # a generator would be used up by the check below
+    if not all(isinstance(d, Defence) for d in defences) or not defences:
+        raise TypeError("defences must be a non-empty list of dlgkit.defences.Defence objects, e.g. [Defence('none'), Defence('prune', 0.7)].")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}; use torch.tensor({labels!r}).")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0 or len(images) != len(labels):
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a non-empty (N, C, H, W) batch with one label each, got {got} and {len(labels)} labels.")
-    if not all(isinstance(d, Defence) for d in defences) or not defences:
-        raise TypeError("defences must be a non-empty list of dlgkit.defences.Defence objects, e.g. [Defence('none'), Defence('prune', 0.7)].")
+    check_unit_range("images", images)
+    check_positive_int("train_steps", train_steps, hint="It is the number of training steps behind the accuracy column.")
     device = resolve_device(device)
     images, labels = images.to(device), labels.to(device)
     rows = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from dlgkit.checks import check_number, check_positive_int
@@ -41,7 +42,8 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
     positive part smaller than, but more than half of, their negative part). The honest models
     of the course pass; the models of :func:`dlgkit.attacks.imprint.imprint_model` and
     :func:`dlgkit.attacks.trap.trap_model` are flagged. A server that knows the check can hide
-    from it (e.g. by rotating rows a little), so passing is no proof of honesty.
+    from it (e.g. by rotating rows a little), so passing is no proof of honesty. A layer with
+    NaN or inf weights is flagged too.
     Explained in chapter 7 of the book."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -56,6 +58,9 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
         if not isinstance(layer, nn.Linear) or layer.out_features < 2 or layer.in_features < 2:
             continue
         w = layer.weight.detach().double()
+        if not bool(torch.isfinite(w).all()) or (layer.bias is not None and not bool(torch.isfinite(layer.bias.detach()).all())):
+            reasons.append(f"{name or 'model'}: holds NaN or inf weights; no honest model sends those (training on it would give NaN).")
+            continue
         unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
         cos = unit @ unit.T
         partners = (cos >= cos_min).sum(1)  # each row counts itself

@@ -4,6 +4,7 @@ never a silent success; and the attacks leave the caller's model as they found i
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -215,3 +216,89 @@ def test_an_example_that_barely_contributes_warns_but_runs(problem):
     with pytest.warns(UserWarning, match="3 clear directions for a batch of 4"):
         result = attacks.reconstruct(model, mixed, xb.shape, FAST, labels=yb, progress=False)
     assert result.reconstruction.shape == xb.shape
+
+
+# --- hostile calls found by a probe (each failed before its fix) -------------------------------
+
+
+def test_sweep_takes_a_generator_and_checks_its_arguments_up_front():
+    from dlgkit.defences import Defence, privacy_accuracy_sweep
+
+    images, labels = torch.rand(1, 1, 8, 8), torch.tensor([3])
+    # a generator is read once into a list: the train_steps check is reached (not [] returned)
+    with pytest.raises(ValueError, match="train_steps must be a positive int"):
+        privacy_accuracy_sweep((d for d in [Defence("none")]), images, labels, train_steps=0)
+    with pytest.raises(TypeError, match=r"wrap a single one in a list"):
+        privacy_accuracy_sweep(Defence("none"), images, labels)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor.*torch.tensor\(\[3\]\)"):
+        privacy_accuracy_sweep([Defence("none")], images, [3])
+    with pytest.raises(ValueError, match="divide by 255"):
+        privacy_accuracy_sweep([Defence("none")], images * 255, labels)
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), 3])
+def test_numpy_seed_is_accepted_and_gives_the_same_run(problem, seed):
+    model, grads, x, _ = problem
+    a = attacks.reconstruct(model, grads, x.shape, FAST, seed=seed, progress=False)
+    b = attacks.reconstruct(model, grads, x.shape, FAST, seed=3, progress=False)
+    assert torch.equal(a.reconstruction, b.reconstruction)
+
+
+def test_seed_beyond_int64_is_refused(problem):
+    from dlgkit.checks import check_seed
+
+    model, grads, x, _ = problem
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0 and at most 2\*\*63 - 1"):
+        attacks.reconstruct(model, grads, x.shape, FAST, seed=2**64, progress=False)
+    assert type(check_seed("seed", np.int64(5))) is int
+
+
+@pytest.mark.parametrize(
+    "observe, error, match",
+    [
+        (lambda m, x, y: engine.gradient_observation(m, x, y)[0], TypeError, "observe must return a list of tensors"),
+        (lambda m, x, y: None, TypeError, "observe must return a list of tensors"),
+        (lambda m, x, y: engine.gradient_observation(m, x, y)[:2], ValueError, r"observe returned 2 tensor\(s\)"),
+        (lambda m, x, y: [g.detach() for g in engine.gradient_observation(m, x, y)], ValueError, "do not depend on x"),
+    ],
+)
+def test_observe_output_is_checked(problem, observe, error, match):
+    model, grads, x, _ = problem
+    with pytest.raises(error, match=match):
+        attacks.reconstruct(model, grads, x.shape, FAST, observe=observe, progress=False)
+
+
+def test_num_classes_must_match_the_last_layer(problem):
+    model, grads, x, _ = problem
+    with pytest.raises(ValueError, match=r"num_classes=5, but the model's last layer has 10 outputs"):
+        attacks.reconstruct(model, grads, x.shape, FAST, num_classes=5, progress=False)
+
+
+def test_all_zero_gradient_is_named_and_gives_nan_in_attack_defended(problem):
+    from dlgkit.defences import Defence, attack_defended
+
+    model, grads, x, y = problem
+    with pytest.raises(ValueError, match="target_gradients is all zero"):
+        attacks.reconstruct(model, [torch.zeros_like(g) for g in grads], x.shape, FAST, progress=False)
+    out = attack_defended(model, x, y, Defence("prune", 1.0), FAST)
+    assert math.isnan(out["psnr"]) and out["status"] == "nothing to attack"
+
+
+def test_defence_numbers_accept_numpy_and_torch_scalars():
+    from dlgkit.defences import Defence, add_noise, dp_epsilon
+
+    g = [torch.ones(3)]
+    assert torch.equal(add_noise(g, np.float32(0.0))[0], g[0])
+    d = Defence("prune", torch.tensor(0.5))
+    assert d == Defence("prune", 0.5) and type(d.strength) is float
+    assert dp_epsilon(1.0, 0.01, np.int64(10)) == dp_epsilon(1.0, 0.01, 10)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        dp_epsilon(1.0, 0.01, 2.5)
+
+
+def test_quantise_defences_ignore_strength_and_fp16_overflow_warns():
+    from dlgkit.defences import Defence, quantise
+
+    assert Defence("fp16", 0.3) == Defence("fp16") and Defence("int8", 2.0).strength == 0.0
+    with pytest.warns(UserWarning, match="become inf in fp16"):
+        quantise([torch.tensor([1e5])], "fp16")

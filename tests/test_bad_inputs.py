@@ -615,6 +615,100 @@ def test_seeds_must_be_non_negative_ints(seed, which):
     assert error is not None and "seed" in str(error)
 
 
+# --- hostile calls found by a probe (each failed before its fix) -------------------------------
+
+
+def test_fl_settings_refuse_unknown_keys_and_store_plain_numbers():
+    pytest.importorskip("flwr")
+    from dlgkit.fl.task import FLSettings
+
+    with pytest.raises(ValueError, match=r"unknown keys \['local_steps'\]; the allowed keys are .*'local-steps'"):
+        FLSettings.from_config({"local_steps": 5, "lr": 0.5})
+    with pytest.raises(TypeError, match="config must be a dict"):
+        FLSettings.from_config(None)
+    assert FLSettings.from_config({"num-clients": 2, "lr": 0.5}, ignore_unknown=True).lr == 0.5
+    s = FLSettings(local_steps=np.int64(2), lr=np.float32(0.5), seed=np.int64(1))
+    assert (type(s.local_steps), type(s.lr), type(s.seed)) == (int, float, int)
+
+
+def test_fl_arrays_names_must_be_strings_and_unnamed_records_get_a_hint():
+    pytest.importorskip("flwr")
+    from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
+
+    tensors = [torch.zeros(2), torch.ones(3)]
+    for names in ([0, 1], "ab"):
+        with pytest.raises(TypeError, match="names must be the model the tensors belong to or a list of str"):
+            tensors_to_record(tensors, names=names)
+    model = nn.Sequential(nn.Linear(2, 1))
+    record = tensors_to_record([p.detach() for p in model.parameters()])
+    with pytest.raises(ValueError, match="packed without names.*names=model"):
+        record_to_tensors(record, model)
+
+
+def test_inspect_model_flags_non_finite_weights():
+    from dlgkit.model_check import inspect_model
+
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[0, 0] = math.nan
+    verdict = inspect_model(layer)
+    assert verdict.suspicious and "NaN or inf" in verdict.reasons[0]
+
+
+def test_imprint_and_trap_check_scale_and_shape_and_leave_the_global_rng_alone():
+    from dlgkit.attacks import imprint, trap
+
+    public = imprint.varied_faces(20, seed=1)
+    with pytest.raises(ValueError, match="divide by 255"):
+        imprint.imprint_thresholds(public * 255, 4)
+    with pytest.raises(ValueError, match="floating-point image"):
+        imprint.brightness((public * 255).to(torch.uint8))
+    th = imprint.imprint_thresholds(public, 4)
+    model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=0)
+    for call in (lambda: imprint.imprint_model(model, 64, th), lambda: trap.trap_model(model, 64, neurons=8)):
+        with pytest.raises(TypeError, match=r"input_shape must be the shape of one input.*\(1, 32, 32\)"):
+            call()
+    for call in (lambda: imprint.imprint_model(model, (1, 32, 32), th, seed=3), lambda: trap.trap_model(model, (1, 32, 32), neurons=8, seed=3)):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        call()
+        assert torch.equal(torch.rand(3), expected)
+
+
+def _check_output(check, fn) -> tuple[bool, str]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = check(fn)
+    return result, buf.getvalue()
+
+
+def test_exercise_checks_grade_float_ids_float64_answers_and_sys_exit():
+    import torch.nn.functional as F
+
+    from dlgkit.exercises import images as ex_images
+    from dlgkit.exercises import text as ex_text
+
+    def ids(g):
+        return (g != 0).any(1).nonzero().flatten()
+
+    assert _check_output(ex_text.check_bag_of_words, ids)[0] is True
+    for wrong in (lambda g: ids(g).double() + 0.5, lambda g: [str(i) for i in ids(g).tolist()], lambda g: [None]):
+        result, out = _check_output(ex_text.check_bag_of_words, wrong)
+        assert result is False and "whole numbers" in out, out
+
+    def grads64(m, x, y):
+        return [g.double() for g in torch.autograd.grad(F.cross_entropy(m(x), y), list(m.parameters()))]
+
+    result, out = _check_output(ex_images.check_shared_gradient, grads64)
+    assert result is True, out  # graded in the check's float32, not a crash blamed on the student
+    result, out = _check_output(ex_images.check_shared_gradient, lambda m, x, y: sys.exit(1))
+    assert result is False and "your function raised SystemExit" in out, out
+
+
 if __name__ == "__main__":
     counts: dict[str, int] = {}
     for case in CASES:

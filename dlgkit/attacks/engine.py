@@ -418,7 +418,7 @@ def run(make_problem: Callable[[torch.Generator], Problem], config: EngineConfig
     generator seeded with ``seed`` draws every start in turn), as ``config.restart_policy``
     allows, and return them all with the best. ``tol`` is the absolute stopping threshold
     (:func:`absolute_tol`). Defined in :doc:`/book/02_single_image_dlg`."""
-    check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     check_positive_int("history_every", history_every, allow_none=True)
     progress = progress_enabled(progress)
     start = time.perf_counter()

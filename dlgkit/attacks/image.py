@@ -158,6 +158,17 @@ def _check_shape(shape: object) -> tuple[int, int, int, int]:
     return tuple(check_positive_int(f"shape[{i}]", s, hint="shape is (N, C, H, W) of the batch to reconstruct.") for i, s in enumerate(shape))  # type: ignore[return-value]
 
 
+def _check_num_classes(model: nn.Module, target: list[torch.Tensor], num_classes: int) -> None:
+    """``num_classes`` must be the number of rows of the last linear layer's gradient."""
+    try:
+        w_idx, _ = last_linear_layer(model)
+    except ValueError:
+        return
+    rows = target[w_idx].shape[0]
+    if rows != num_classes:
+        raise ValueError(f"num_classes={num_classes}, but the model's last layer has {rows} outputs (its gradient has {rows} rows); pass num_classes={rows} or leave it None.")
+
+
 def _check_batch_size(model: nn.Module, target: list[torch.Tensor], batch: int) -> None:
     """The last linear layer's weight gradient, ``(1/B) sum_i (p_i - e_{y_i}) h_i^T``, has rank
     at most B, and B for B distinct examples (when B < number of classes and B <= its width).
@@ -212,6 +223,19 @@ def _resolve_labels(model: nn.Module, target: list[torch.Tensor], labels: object
     return "known", labels
 
 
+def _checked_observation(seen: object, target: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``observe``'s output, checked against the target: a list of tensors, one per target
+    tensor with its shape, differentiable with respect to the dummy input."""
+    if not isinstance(seen, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in seen):
+        raise TypeError(f"observe must return a list of tensors (one per target tensor), got {type(seen).__name__}; wrap a single tensor in a list: [g].")
+    shapes, wanted = [tuple(t.shape) for t in seen], [tuple(t.shape) for t in target]
+    if shapes != wanted:
+        raise ValueError(f"observe returned {len(shapes)} tensor(s) of shapes {shapes[:4]}, but target_gradients has {len(wanted)} of shapes {wanted[:4]}; they must match tensor by tensor (no broadcasting).")
+    if not any(t.requires_grad for t in seen):
+        raise ValueError("observe returned tensors that do not depend on x (none requires grad): compute them differentiably, e.g. torch.autograd.grad(..., create_graph=True), and do not .detach() them.")
+    return list(seen)
+
+
 def _image_problem(model: nn.Module, target: list[torch.Tensor], shape: tuple[int, ...], config: AttackConfig, mode: str,
                    known: torch.Tensor | None, num_classes: int, observe: Observe | None, generator: torch.Generator) -> engine.Problem:
     """One random start: the dummy batch (and in ``joint`` mode a dummy soft label), drawn from
@@ -230,7 +254,7 @@ def _image_problem(model: nn.Module, target: list[torch.Tensor], shape: tuple[in
         y = F.softmax(dummy_label, dim=-1) if mode == "joint" else hard
         if observe is None:
             return engine.gradient_observation(model, dummy, y, create_graph=create_graph)
-        return list(observe(model, dummy, y))
+        return _checked_observation(observe(model, dummy, y), target)
 
     def project() -> None:
         with torch.no_grad():
@@ -290,6 +314,8 @@ def reconstruct(
     if observe is not None and not callable(observe):
         raise TypeError(f"observe must be a function (model, x, y) -> list of tensors, got {type(observe).__name__}.")
     target = engine.check_target("target_gradients", target_gradients)
+    if not any(bool(t.any()) for t in target):
+        raise ValueError("target_gradients is all zero (fully pruned, e.g. Defence('prune', 1.0)?): it carries no information about the input, so there is nothing to attack.")
     shape = _check_shape(shape)
     if observe is None:
         target = check_gradients(model, target, name="target_gradients")
@@ -302,7 +328,9 @@ def reconstruct(
         num_classes = int(getattr(model, "num_classes", 0) or 0) or None
     if num_classes is None:
         raise ValueError("num_classes is needed: the model has no num_classes attribute.")
-    check_positive_int("num_classes", num_classes)
+    num_classes = check_positive_int("num_classes", num_classes)
+    if observe is None:
+        _check_num_classes(model, target, num_classes)
     device = params[0].device
     with engine.caller_model_untouched(model):
         mode, known = _resolve_labels(model, target, labels, config, num_classes, shape)

@@ -60,7 +60,7 @@ class PlantedModel(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        shape = tuple(check_positive_int("input_shape entries", int(s) if isinstance(s, (int, np.integer)) else s) for s in input_shape)
+        shape = _check_input_shape(input_shape)
         d = math.prod(shape)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d:
             raise ValueError(f"weight must be a tensor of shape (neurons, {d}) for inputs of shape {shape}, got {getattr(weight, 'shape', type(weight).__name__)}.")
@@ -71,8 +71,9 @@ class PlantedModel(nn.Module):
         scale = check_number("decoder_scale", decoder_scale, low=0.0, low_open=True)
         k = weight.shape[0]
         self.input_shape = shape
-        self.front = nn.Linear(d, k)
-        self.back = nn.Linear(k, d, bias=False)
+        with torch.random.fork_rng(devices=[]):  # their random init is overwritten; the caller's RNG stays put
+            self.front = nn.Linear(d, k)
+            self.back = nn.Linear(k, d, bias=False)
         gen = torch.Generator().manual_seed(check_seed("seed", seed))
         v = torch.randn(d, 1, generator=gen, dtype=weight.dtype) * scale
         with torch.no_grad():
@@ -89,12 +90,19 @@ class PlantedModel(nn.Module):
         return self.model(x + self.back(h).view(x.shape))
 
 
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """The shape of one input, e.g. ``(1, 32, 32)``: a sequence of positive ints."""
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (Sequence, torch.Size)) or len(input_shape) == 0:
+        raise TypeError(f"input_shape must be the shape of one input as a tuple of ints, e.g. (1, 32, 32), got {input_shape!r}.")
+    return tuple(check_positive_int("input_shape entries", s) for s in input_shape)  # type: ignore[misc]
+
+
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """The statistic the imprint bins measure: each image's mean pixel value, shape (N,).
     Explained in chapter 7 of the book."""
     if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
         raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1, got {getattr(images, 'shape', type(images).__name__)}.")
-    check_finite_tensors("images", images)
+    check_unit_range("images", images)
     return images.flatten(1).mean(1)
 
 
@@ -132,6 +140,8 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
+    if isinstance(public_images, torch.Tensor):
+        check_unit_range("public_images", public_images)
     stats = brightness(public_images).double().numpy()
     if bins > len(stats):
         raise ValueError(f"bins={bins} needs at least {bins} public images to place its quantiles, got {len(stats)}; use fewer bins or more public images (e.g. varied_faces).")
@@ -157,7 +167,7 @@ def imprint_model(model: nn.Module, input_shape: Sequence[int], thresholds: torc
     check_finite_tensors("thresholds", thresholds)
     if bool((thresholds.diff() <= 0).any()):
         raise ValueError("thresholds must be strictly increasing (c_1 < c_2 < ...); build them with imprint_thresholds.")
-    d = math.prod(int(s) for s in input_shape)
+    d = math.prod(_check_input_shape(input_shape))
     weight = torch.full((thresholds.numel(), d), 1.0 / d)
     return PlantedModel(model, input_shape, weight, -thresholds.float(), decoder_scale=decoder_scale, seed=seed)
 

@@ -359,7 +359,7 @@ def reconstruct_text(
     if not isinstance(config, TextAttackConfig):
         raise TypeError(f"config must be a dlgkit.attacks.TextAttackConfig (e.g. TextAttackConfig(iterations=100)), got {type(config).__name__}.")
     check_positive_int("record_every", record_every)
-    check_seed("seed", seed)
+    seed = check_seed("seed", seed)
     check_double_backward(tm.model)
     _check_grads(grads)
     start = time.perf_counter()

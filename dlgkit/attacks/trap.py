@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlgkit.attacks.imprint import PlantedModel, _front_gradients
+from dlgkit.attacks.imprint import PlantedModel, _check_input_shape, _front_gradients
 from dlgkit.checks import check_number, check_positive_int, check_seed
 
 __all__ = ["trap_weights", "trap_model", "trap_recover"]
@@ -48,7 +48,7 @@ def trap_model(model: nn.Module, input_shape: Sequence[int], neurons: int = 1000
     """``model`` behind a trap layer of ``neurons`` rows (:func:`trap_weights`, bias 0), a ReLU
     and a layer back to the input shape, as a :class:`dlgkit.attacks.imprint.PlantedModel`.
     Explained in chapter 7 of the book."""
-    d = math.prod(int(s) for s in input_shape)
+    d = math.prod(_check_input_shape(input_shape))
     weight = trap_weights(d, neurons, margin=margin, seed=seed)
     return PlantedModel(model, input_shape, weight, torch.zeros(weight.shape[0]), decoder_scale=decoder_scale, seed=seed)
 

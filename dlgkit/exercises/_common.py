@@ -15,6 +15,8 @@ How a check grades the student and not the library:
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 import sys
 import threading
@@ -90,6 +92,7 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
             f"yourself (allowed here: torch, numpy, scipy, your own functions, {allowed_text})."
         )
     if "error" in box:
+        box["error"].raised_by_student = True  # _report blames the student only for these
         raise box["error"]
     return box.get("value")
 
@@ -107,9 +110,13 @@ def _report(name: str, body: Callable[[], str], hints: dict[str, str] | None = N
     except ExerciseFailure as failure:
         print(f"❌ {name}: {failure}")
         return False
-    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the student's code may raise anything, sys.exit() too
         advice = next((text for key, text in (hints or {}).items() if key in str(exc)), "")
+        if not getattr(exc, "raised_by_student", False):  # the check itself could not use the answer
+            print(f"❌ {name}: the check could not use your answer ({type(exc).__name__}: {exc}). Return what the exercise asks for: "
+                  f"torch tensors of the shapes it names (float32 for real values, integer ids as ints).{' ' + advice if advice else ''}")
+            return False
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
         print(f"❌ {name}: your function raised {type(exc).__name__}: {exc} (line {frame.lineno} of {frame.filename}).{' ' + advice if advice else ''}")
         return False
     print(f"✅ {name}: passed. {detail}")
@@ -122,12 +129,26 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _tensor(value: object, what: str) -> torch.Tensor:
-    """``value`` as a finite tensor, or a failure that says what is wrong with it."""
+    """``value`` as a finite tensor (real values cast to the checks' float32, so a float64
+    answer is graded, not crashed on), or a failure that says what is wrong with it."""
     _require(isinstance(value, torch.Tensor), f"{what} should be a torch.Tensor, got {type(value).__name__}.")
     value = value.detach()  # type: ignore[union-attr]
     if value.is_floating_point() or value.is_complex():
         _require(bool(torch.isfinite(value).all()), f"{what} contains NaN or inf: a value that is not a number never passes.")
-    return value
+    return value.float() if value.is_floating_point() else value
+
+
+def _as_int_list(value: object, what: str) -> list[int]:
+    """``value`` (a tensor, list, tuple or set) as a list of ints; floats only when whole numbers
+    (``int()`` would truncate 3.5 to 3), anything else (strings, None, NaN) a failure."""
+    if isinstance(value, torch.Tensor):
+        value = _tensor(value, what).flatten().tolist()
+    _require(isinstance(value, (list, tuple, set, frozenset)), f"return {what} as a list or tensor of ints, got {type(value).__name__}.")
+    _require(
+        all((isinstance(v, numbers.Integral) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v) and v == int(v)) for v in value),  # type: ignore[union-attr]
+        f"{what} should be whole numbers, got {list(value)[:8]}.",  # type: ignore[call-overload]
+    )
+    return [int(v) for v in value]  # type: ignore[union-attr]
 
 
 def _psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> float:

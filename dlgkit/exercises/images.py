@@ -8,7 +8,6 @@ the case's truth or with the check's own computation.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from typing import Callable
 
@@ -19,6 +18,7 @@ from torch import nn
 from dlgkit import data, models
 from dlgkit.exercises._common import (
     ExerciseFailure,
+    _as_int_list,
     _psnr,
     _report,
     _require,
@@ -89,14 +89,6 @@ def _lenet(generator: torch.Generator, classes: int, activation: str = "sigmoid"
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     loss = F.cross_entropy(model(x), y)
     return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
-
-
-def _as_int_list(value: object, what: str) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        value = _tensor(value, what).flatten().tolist()
-    _require(isinstance(value, (list, tuple)), f"return {what} as a list or tensor of ints, got {type(value).__name__}.")
-    _require(all(isinstance(v, numbers.Integral) or (isinstance(v, float) and math.isfinite(v) and v == int(v)) for v in value), f"{what} should be whole numbers, got {list(value)[:8]}.")
-    return [int(v) for v in value]
 
 
 # --- chapter 1 -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from dlgkit.exercises._common import ExerciseFailure, _report, _require, _tensor, call_student, fresh_generator, randint
+from dlgkit.exercises._common import ExerciseFailure, _as_int_list, _report, _require, _tensor, call_student, fresh_generator, randint
 
 __all__ = ["check_bag_of_words", "check_span_test", "check_sentence_from_span"]
 
@@ -15,10 +15,7 @@ SENTENCE_TARGET = 0.9
 
 
 def _as_id_set(value: object) -> set[int]:
-    if isinstance(value, torch.Tensor):
-        return {int(v) for v in _tensor(value, "the token ids").flatten().tolist()}
-    _require(isinstance(value, (list, tuple, set, frozenset)), f"return the token ids as a tensor, list or set, got {type(value).__name__}.")
-    return {int(v) for v in value}  # type: ignore[union-attr]
+    return set(_as_int_list(value, "the token ids"))
 
 
 def check_bag_of_words(fn: Callable) -> bool:

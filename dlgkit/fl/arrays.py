@@ -37,7 +37,14 @@ def tensors_to_record(tensors: Sequence[torch.Tensor], names: nn.Module | Sequen
     Explained in chapter 6 of the book."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensors must be a list of torch tensors (one per parameter), got {type(tensors).__name__}.")
-    keys = parameter_names(names) if isinstance(names, nn.Module) else [str(i) for i in range(len(tensors))] if names is None else list(names)
+    if isinstance(names, nn.Module):
+        keys = parameter_names(names)
+    elif names is None:
+        keys = [str(i) for i in range(len(tensors))]
+    elif isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names must be the model the tensors belong to or a list of str (one per tensor), got {names!r}.")
+    else:
+        keys = list(names)
     if len(keys) != len(tensors):
         raise ValueError(f"tensors has {len(tensors)} entries but names has {len(keys)}; pass one name per tensor (or the model they belong to).")
     if len(set(keys)) != len(keys):
@@ -63,6 +70,8 @@ def record_to_tensors(record: ArrayRecord, like: nn.Module | Sequence[torch.Tens
     keys = list(record.keys())
     if len(keys) != len(ref):
         raise ValueError(f"record holds {len(keys)} arrays but like has {len(ref)} tensors; the record belongs to another model.")
+    if names is not None and keys == [str(i) for i in range(len(keys))] and keys != names:
+        raise ValueError("record was packed without names (keys '0', '1', ...) but like is a model; pack it with tensors_to_record(tensors, names=model), or pass like=list(model.parameters()) to match by position.")
     if names is not None and keys != names:
         raise ValueError(f"record's keys {keys} differ from the model's parameter names {names}; the record belongs to another model.")
     out = []

@@ -23,7 +23,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the shared update."""
-    settings = FLSettings.from_config(dict(msg.content["config"]))
+    settings = FLSettings.from_config(dict(msg.content["config"]), ignore_unknown=True)
     return train_and_reply(make_model(settings), msg, context, settings)
 
 

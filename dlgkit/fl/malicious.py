@@ -157,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"])
     if _KEY not in config:
         return honest_client.train(msg, context)
-    settings = FLSettings.from_config(config)
+    settings = FLSettings.from_config(config, ignore_unknown=True)
     return honest_client.train_and_reply(planted_client_model(settings, int(config[_KEY])), msg, context, settings)
 
 

@@ -40,14 +40,14 @@ __all__ = ["SecAggRecorder", "simulate_secagg", "app"]
 
 
 def _client_model(config: dict) -> nn.Module:
-    settings = FLSettings.from_config(config)
+    settings = FLSettings.from_config(config, ignore_unknown=True)
     return planted_client_model(settings, int(config[_KEY])) if _KEY in config else make_model(settings)
 
 
 def _train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
-    settings = FLSettings.from_config(config)
+    settings = FLSettings.from_config(config, ignore_unknown=True)
     model = _client_model(config)
     with torch.no_grad():
         for p, w in zip(model.parameters(), parameters_to_ndarrays(fitins.parameters)):

@@ -147,7 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     updates and the final weights are saved there."""
     config = context.run_config
     num_clients = int(config["num-clients"])
-    strategy = CuriousFedAvg(FLSettings.from_config(dict(config)), min_train_nodes=num_clients, min_available_nodes=num_clients)
+    strategy = CuriousFedAvg(FLSettings.from_config(dict(config), ignore_unknown=True), min_train_nodes=num_clients, min_available_nodes=num_clients)
     result = run_server(grid, strategy, num_rounds=int(config["num-server-rounds"]))
     if config.get("record-file"):
         final = record_to_tensors(result.arrays, strategy.template) if result.arrays is not None else None

@@ -8,6 +8,7 @@ Explained in chapter 6 of the book.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -46,21 +47,33 @@ class FLSettings:
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("mode", self.mode, MODES)
-        check_positive_int("examples_per_client", self.examples_per_client)
-        check_number("lr", self.lr, low=0.0, low_open=True)
-        check_positive_int("local_steps", self.local_steps)
-        check_nonnegative_int("batch_size", self.batch_size)
-        check_seed("seed", self.seed)
+        checked = {  # stored as plain int/float: Flower's ConfigRecord refuses NumPy scalars
+            "examples_per_client": check_positive_int("examples_per_client", self.examples_per_client),
+            "lr": check_number("lr", self.lr, low=0.0, low_open=True),
+            "local_steps": check_positive_int("local_steps", self.local_steps),
+            "batch_size": check_nonnegative_int("batch_size", self.batch_size),
+            "seed": check_seed("seed", self.seed),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     def to_config(self) -> dict:
         """The settings as a flat dict with Flower's hyphenated keys (for a ``ConfigRecord``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_config(cls, config: dict) -> "FLSettings":
-        """Read the settings back from :meth:`to_config`'s keys (extra keys are ignored)."""
-        known = [f.name for f in fields(cls)]
-        return cls(**{name: config[name.replace("_", "-")] for name in known if name.replace("_", "-") in config})
+    def from_config(cls, config: Mapping, *, ignore_unknown: bool = False) -> "FLSettings":
+        """Read the settings back from :meth:`to_config`'s hyphenated keys (missing keys keep
+        their defaults). An unknown key is an error that lists the allowed ones, unless
+        ``ignore_unknown`` (for a run config or message config that also carries other keys);
+        a field spelt with underscores (``local_steps``) is always an error."""
+        allowed = [f.name.replace("_", "-") for f in fields(cls)]
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict (or Flower ConfigRecord) with keys from {allowed}, got {type(config).__name__}.")
+        unknown = [key for key in config if key not in allowed and (not ignore_unknown or str(key).replace("_", "-") in allowed)]
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; the allowed keys are {allowed} (hyphens, as FLSettings.to_config writes them).")
+        return cls(**{key.replace("-", "_"): value for key, value in config.items() if key in allowed})
 
 
 def make_model(settings: FLSettings) -> nn.Module:
