@@ -8,7 +8,6 @@ import inspect
 import importlib.util
 import io
 import re
-import sys
 from pathlib import Path
 
 import nbformat
