@@ -183,7 +183,7 @@ INITS = ("uniform", "gaussian")
 class AttackConfig(EngineConfig):
     """An image attack's settings (:func:`dlgkit.attacks.image.reconstruct`): the engine's
     (:class:`EngineConfig`: ``distance``, ``optimizer``, ``lr``, ``iterations``, ``restarts``,
-    ``restart_policy``, ``tol``, ``tol_relative``, ``patience``, ``line_search``) and:
+    ``restart_policy``, ``tol``, ``tol_relative``, ``patience``, ``line_search``, ``float64``) and:
 
     - ``labels``: ``"idlg"`` reads the label off the last layer's gradient first (iDLG for one
       example; for a batch the ``"probe"`` rule of :func:`dlgkit.attacks.labels.batch_labels`);
