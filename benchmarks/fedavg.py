@@ -44,11 +44,12 @@ PSNR in dB, for a batch the median over its 4 faces; 2 busy CPU cores, 1-8 minut
   FedAvg-aware cosine + TV 1e-4 at E = 5: 34.3 dB; FedAvg-aware L2: 26.8 dB; one face, L2,
   E = 5: 41.0 dB.
 
-NEEDS THE ATTACK ENGINE (branch ``engine``: ``AttackConfig.with_`` and ``reconstruct(...,
-observe=...)``): it cannot run before that branch is merged, and says so.
+Every attack here runs through :func:`dlgkit.attacks.fedavg.reconstruct_fedavg` with the
+engine's ``float64=True`` (distances summed in float64).
 
-Run: ``python benchmarks/fedavg.py`` (``--n 1 --steps 1,2 --iterations 50`` for a quick look).
-The table goes to ``benchmarks/results/fedavg.md``.
+Run: ``python benchmarks/fedavg.py`` (``--n 1 --steps 1,2 --iterations 50`` for a quick look;
+``--jobs 8`` runs cells in 8 processes of one thread each). The table goes to
+``benchmarks/results/fedavg.md``.
 """
 
 from __future__ import annotations
@@ -57,17 +58,13 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from dlgkit import attacks, data, models
-from dlgkit.attacks.fedavg import fedavg_observation, naive_gradient
-
-try:
-    from dlgkit.attacks.engine import gradient_observation
-except ImportError:
-    sys.exit("benchmarks/fedavg.py needs dlgkit's attack engine (dlgkit.attacks.engine, reconstruct(..., observe=...)); run it after the engine branch is merged.")
+from dlgkit.attacks.fedavg import fedavg_observation, reconstruct_fedavg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_table  # noqa: E402
@@ -76,8 +73,9 @@ LR = 0.1
 
 
 def attack_configs(iterations: int) -> dict:
-    """The attacks compared, each with the labels known (no restarts, to compare like with like)."""
-    base = attacks.RECOMMENDED.with_(iterations=iterations, restarts=1)
+    """The attacks compared, each with the labels known (no restarts, to compare like with like;
+    distances summed in float64)."""
+    base = attacks.RECOMMENDED.with_(iterations=iterations, restarts=1, float64=True)
     return {
         "naive, L2": ("naive", base),
         "naive, cosine": ("naive", base.with_(distance="cosine")),
@@ -86,25 +84,13 @@ def attack_configs(iterations: int) -> dict:
     }
 
 
-def in_float64(observe, scale: float = 1.0):
-    """The observation in float64, divided by ``scale``. Float64 makes the engine's distance sum
-    in float64: with float32 sums the cosine attack stalls (4 faces at E = 5: 20.4 dB against
-    34.1 dB on the engine; one face, naive, E = 1: 26.8 dB against 55.9 dB in the scratch loop).
-    ``scale`` (the norm of the shared update) gives the same minimiser but an L2 distance that
-    starts near 1: on the raw update (about ``lr`` times a gradient) L-BFGS's absolute
-    tolerances stop it early (35.6 dB against 44.4 dB on one face at E = 1)."""
-    return lambda model, x, y: [u.double() / scale for u in observe(model, x, y)]
-
-
-def one(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, mini: int | None, kind: str, config, guess: int) -> float:
-    model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=seed)
+def one(x: torch.Tensor, y: torch.Tensor, i: int, steps: int, mini: int | None, kind: str, config, guess: int) -> float:
+    """PSNR of one attack on sample ``i`` (the faces ``x``, labels ``y``), the client running
+    ``steps`` local steps and the attacker assuming ``guess``."""
+    torch.set_num_threads(1)
+    model = models.LeNet(channels=1, num_classes=10, image_size=32, seed=i)
     update = [u.detach() for u in fedavg_observation(steps, LR, mini)(model, x, y)]
-    if kind == "naive":
-        target, observe = naive_gradient(update, steps, LR), in_float64(gradient_observation)
-    else:
-        scale = float(torch.sqrt(sum(u.square().sum() for u in update)))
-        target, observe = [u / scale for u in update], in_float64(fedavg_observation(guess, LR, mini), scale)
-    result = attacks.reconstruct(model, target, x.shape, config, labels=y, observe=observe, seed=seed, history_every=None, progress=False)
+    result = reconstruct_fedavg(model, update, x.shape, config, labels=y, local_steps=guess, local_lr=LR, batch_size=mini, attack=kind, seed=i, history_every=None, progress=False)
     return float(result.report(x, y).psnr)
 
 
@@ -113,28 +99,32 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3, help="samples (faces or batches) per cell")
     parser.add_argument("--steps", default="1,2,5,10", help="local steps E, comma-separated")
     parser.add_argument("--iterations", type=int, default=300, help="L-BFGS steps per attack")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (one thread each)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = [int(s) for s in args.steps.split(",")]
-    faces, labels = data.lfw_faces(n=4 * args.n, size=32, num_classes=10, seed=0)
     setups = {"1 face": (1, None), "4 faces, mini-batches of 2": (4, 2)}
-    lines = ["| client data | attack | " + " | ".join(f"E = {e}" for e in steps) + " |", "| --- | --- |" + " --- |" * len(steps)]
+    faces, labels = data.lfw_faces(n=4 * args.n, size=32, num_classes=10, seed=0)
     started = time.time()
-    for setup, (size, mini) in setups.items():
-        rows = {name: spec for name, spec in attack_configs(args.iterations).items()}
-        rows["FedAvg-aware, L2, E guessed 2E"] = ("aware-wrong", rows["FedAvg-aware, L2"][1])
-        for name, (kind, config) in rows.items():
-            cells = []
-            for e in steps:
-                if mini is not None and e * mini < size:  # the client's steps never reach some of its images
-                    cells.append("—")
-                    continue
-                guess = 2 * e if kind == "aware-wrong" else e
-                values = [one(faces[i * size : (i + 1) * size], labels[i * size : (i + 1) * size], i, e, mini, "naive" if kind == "naive" else "aware", config, guess) for i in range(args.n)]
-                cells.append(f"{statistics.median(values):.1f}")
+    rows, jobs = [], {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for setup, (size, mini) in setups.items():
+            configs = attack_configs(args.iterations)
+            configs["FedAvg-aware, L2, E guessed 2E"] = ("aware-wrong", configs["FedAvg-aware, L2"][1])
+            for name, (kind, config) in configs.items():
+                rows.append((setup, name))
+                for e in steps:
+                    if mini is not None and e * mini < size:  # the client's steps never reach some of its images
+                        continue
+                    guess = 2 * e if kind == "aware-wrong" else e
+                    attack = "naive" if kind == "naive" else "aware"
+                    jobs[setup, name, e] = [pool.submit(one, faces[i * size : (i + 1) * size], labels[i * size : (i + 1) * size], i, e, mini, attack, config, guess) for i in range(args.n)]
+        lines = ["| client data | attack | " + " | ".join(f"E = {e}" for e in steps) + " |", "| --- | --- |" + " --- |" * len(steps)]
+        for setup, name in rows:
+            cells = [f"{statistics.median(f.result() for f in jobs[setup, name, e]):.1f}" if (setup, name, e) in jobs else "—" for e in steps]
             lines.append(f"| {setup} | {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    note = f"Local lr {LR}; labels known; median over {args.n} samples; {args.iterations} L-BFGS steps per attack; {time.time() - started:.0f} s in all."
+    note = f"Local lr {LR}; labels known; median over {args.n} samples; {args.iterations} L-BFGS steps per attack; {args.jobs} process(es); {time.time() - started:.0f} s in all."
     print(write_table("fedavg", "Naive vs FedAvg-aware attacks on FedAvg updates", lines, note))
 
 

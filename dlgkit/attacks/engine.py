@@ -131,6 +131,9 @@ class EngineConfig:
     - ``patience``: an L-BFGS trial that has not improved for this many steps has stalled
       (None: never). Adam's noisy curve is never cut short.
     - ``line_search``: give L-BFGS a strong-Wolfe line search (the paper used none).
+    - ``float64``: compute the distance in float64 (the observation and the target are cast
+      before the sums). Float32 sums stall the cosine distance on small FedAvg updates
+      (chapter 6); the model itself keeps its dtype.
     """
 
     distance: str = "l2"
@@ -143,6 +146,7 @@ class EngineConfig:
     patience: int | None = 10
     restart_policy: str = "failed"
     line_search: bool = True
+    float64: bool = False
 
     def __post_init__(self) -> None:
         check_choice("distance", self.distance, list(DISTANCES))
@@ -155,6 +159,7 @@ class EngineConfig:
         check_choice("restart_policy", self.restart_policy, list(RESTART_POLICIES))
         _check_flag("tol_relative", self.tol_relative)
         _check_flag("line_search", self.line_search)
+        _check_flag("float64", self.float64)
 
     def with_(self, **changes: Any) -> EngineConfig:
         """A copy with ``changes`` applied (and checked), e.g. ``RECOMMENDED.with_(iterations=100)``."""
@@ -178,7 +183,7 @@ INITS = ("uniform", "gaussian")
 class AttackConfig(EngineConfig):
     """An image attack's settings (:func:`dlgkit.attacks.image.reconstruct`): the engine's
     (:class:`EngineConfig`: ``distance``, ``optimizer``, ``lr``, ``iterations``, ``restarts``,
-    ``restart_policy``, ``tol``, ``tol_relative``, ``patience``, ``line_search``) and:
+    ``restart_policy``, ``tol``, ``tol_relative``, ``patience``, ``line_search``, ``float64``) and:
 
     - ``labels``: ``"idlg"`` reads the label off the last layer's gradient first (iDLG for one
       example; for a batch the ``"probe"`` rule of :func:`dlgkit.attacks.labels.batch_labels`);
@@ -327,9 +332,13 @@ class EngineRun:
         return self.trials[self.best]
 
 
-def _compute_objective(problem: Problem, distance: str, with_priors: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective and, separately, its distance term (what is reported and stopped on)."""
-    data = gradient_distance(list(problem.observe(with_priors)), problem.target, distance)
+def _compute_objective(problem: Problem, distance: str, with_priors: bool, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective and, separately, its distance term (what is reported and stopped on),
+    the distance summed in float64 when ``float64``."""
+    observed, target = list(problem.observe(with_priors)), problem.target
+    if float64:
+        observed, target = [t.double() for t in observed], [t.double() for t in target]
+    data = gradient_distance(observed, target, distance)
     value = data
     if with_priors:
         for weight, prior in problem.priors.values():
@@ -353,7 +362,7 @@ def _run_trial(problem: Problem, config: EngineConfig, tol: float | None, histor
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        value, data = _compute_objective(problem, config.distance, True)
+        value, data = _compute_objective(problem, config.distance, True, config.float64)
         value.backward()
         seen["distance"] = float(data.detach())
         return value
@@ -379,7 +388,7 @@ def _run_trial(problem: Problem, config: EngineConfig, tol: float | None, histor
         # evaluation against up to 20 inside the step); Adam's value is the one its step saw,
         # one step behind. The reported distance (and the stopping rules) leave the priors out.
         if config.optimizer == "lbfgs":
-            current = float(_compute_objective(problem, config.distance, False)[1].detach())
+            current = float(_compute_objective(problem, config.distance, False, config.float64)[1].detach())
         else:
             current = seen["distance"]
         if not math.isfinite(current):

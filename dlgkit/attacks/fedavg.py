@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dlgkit.checks import check_finite_tensors, check_number, check_positive_int
+from dlgkit.checks import check_choice, check_finite_tensors, check_number, check_positive_int
 from dlgkit.federated import LossFn, soft_cross_entropy
 
-__all__ = ["fedavg_observation", "naive_gradient"]
+__all__ = ["fedavg_observation", "naive_gradient", "reconstruct_fedavg"]
 
 Observe = Callable[[nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -75,3 +75,54 @@ def naive_gradient(update: Sequence[torch.Tensor], local_steps: int, local_lr: f
         raise TypeError(f"update must be a list of tensors (one per parameter), got {type(update).__name__}.")
     check_finite_tensors("update", update)
     return [-u.detach() / (local_steps * local_lr) for u in update]
+
+
+def reconstruct_fedavg(
+    model: nn.Module,
+    update: Sequence[torch.Tensor],
+    shape: Sequence[int],
+    config,
+    *,
+    labels: torch.Tensor,
+    local_steps: int,
+    local_lr: float,
+    batch_size: int | None = None,
+    attack: str = "aware",
+    seed: int = 0,
+    history_every: int | None = 10,
+    progress: bool | None = None,
+):
+    """Attack a FedAvg weight update ``W_E - W_0`` of ``model`` (the global model the client
+    started from), the attacker knowing ``labels`` (class indices), ``local_steps``,
+    ``local_lr`` and ``batch_size`` (the client's mini-batches, taken in order).
+
+    ``attack="aware"`` matches the update through :func:`fedavg_observation` (the local steps
+    replayed); both sides are divided by the update's norm, so the L2 distance starts near 1
+    and the engine's stopping rules see the same numbers as for a gradient (on the raw update,
+    about ``local_lr`` times a gradient, L-BFGS stops early). ``attack="naive"`` runs the
+    ordinary attack on :func:`naive_gradient`. ``config`` is an
+    :class:`~dlgkit.attacks.engine.AttackConfig` (``float64=True`` for the cosine distance).
+    Returns the :class:`~dlgkit.attacks.image.AttackResult` of
+    :func:`dlgkit.attacks.image.reconstruct`. Explained in chapter 6 of the book."""
+    from dlgkit.attacks.engine import check_target, gradient_observation
+    from dlgkit.attacks.image import reconstruct
+
+    check_choice("attack", attack, ("aware", "naive"))
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor of class indices (the attacker knows them for a FedAvg update), got {type(labels).__name__}.")
+    update = check_target("update", update)
+    local_steps = check_positive_int("local_steps", local_steps)
+    local_lr = check_number("local_lr", local_lr, low=0.0, low_open=True)
+    if attack == "naive":
+        target, observe = naive_gradient(update, local_steps, local_lr), gradient_observation
+    else:
+        scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
+        if scale == 0.0:
+            raise ValueError("update is all zeros: the client did not move (no data, or local_lr too small); there is nothing to attack.")
+        replay = fedavg_observation(local_steps, local_lr, batch_size)
+        target = [u / scale for u in update]
+
+        def observe(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            return [u / scale for u in replay(m, x, y)]
+
+    return reconstruct(model, target, shape, config, labels=labels, observe=observe, seed=seed, history_every=history_every, progress=progress)
