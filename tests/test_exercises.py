@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import inspect
 import importlib.util
 import io
@@ -274,6 +275,80 @@ def _library():
     return attacks, data, defences, federated, metrics, span_residuals
 
 
+# --- chapter 6: a FedAvg client's update and the wrong versions of it ------------------------
+
+def _sgd_update(model, x, y, lr, steps, batch_size, sign=1, zero_grad=True, at_start=False, whole_batch=False, first_only=False, in_place=False):
+    """A FedAvg update with torch.optim.SGD; the flags replay the usual mistakes."""
+    local = model if in_place else copy.deepcopy(model)
+    start = [p.detach().clone() for p in local.parameters()]
+    frozen = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(local.parameters(), lr=lr)
+    for step in range(steps):
+        first = 0 if first_only else (step * batch_size) % len(x)
+        xb, yb = (x, y) if whole_batch else (x[first : first + batch_size], y[first : first + batch_size])
+        if zero_grad:
+            optimizer.zero_grad()
+        if at_start:
+            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(frozen(xb), yb), list(frozen.parameters()))
+            for p, g in zip(local.parameters(), grads):
+                p.grad = g.clone()
+        else:
+            torch.nn.functional.cross_entropy(local(xb), yb).backward()
+        optimizer.step()
+    return [sign * (p.detach() - s) for p, s in zip(local.parameters(), start)]
+
+
+def _naive_cosine_attack(model, update, shape, label, steps):
+    from dlgkit import attacks
+    from dlgkit.attacks.fedavg import naive_gradient
+
+    config = attacks.RECOMMENDED.with_(iterations=100, restarts=1, distance="cosine")
+    return attacks.reconstruct(model, naive_gradient(update, steps, 0.03), shape, config, labels=label, progress=False).reconstruction
+
+
+def _guessed_lr_attack(model, update, shape, label, steps):
+    """The FedAvg-aware attack with the learning rate guessed at the low end of the range: the
+    client in the upper half of the range has at least twice that."""
+    from dlgkit import attacks
+    from dlgkit.attacks.fedavg import fedavg_observation
+
+    config = attacks.RECOMMENDED.with_(iterations=100, restarts=1)
+    observe = fedavg_observation(steps, exercises.UNKNOWN_LR_RANGE[0])
+    return attacks.reconstruct(model, update, shape, config, labels=label, observe=observe, progress=False).reconstruction
+
+
+def _chapter6_cheats(attacks, data, federated) -> list[tuple[str, str, object, str]]:
+    from dlgkit.attacks.fedavg import fedavg_observation, naive_gradient
+
+    face = lambda *a: data.lfw_faces(1, size=16, start=3)[0]  # noqa: E731
+    return [
+        ("check_fedavg_update", "library", lambda m, x, y, lr, e, b: federated.client_update(m, x, y, lr=lr, local_steps=e, batch_size=b).tensors, "dlgkit.federated"),
+        ("check_fedavg_update", "library observation", lambda m, x, y, lr, e, b: [t.detach() for t in fedavg_observation(e, lr, b)(m, x, y)], "dlgkit.attacks"),
+        ("check_fedavg_update", "the check's reference", lambda m, x, y, lr, e, b: exercises.fl._mlp_sgd(m, x, y, lr, e, b), "dlgkit.exercises"),
+        ("check_fedavg_update", "sign", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, sign=-1), "wrong sign"),
+        ("check_fedavg_update", "no zero_grad", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, zero_grad=False), "zero them"),
+        ("check_fedavg_update", "gradients at W_0", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, at_start=True), "starting weights"),
+        ("check_fedavg_update", "whole batch", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, whole_batch=True), "whole batch"),
+        ("check_fedavg_update", "first mini-batch", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, first_only=True), "first mini-batch"),
+        ("check_fedavg_update", "in place", lambda m, x, y, lr, e, b: _sgd_update(m, x, y, lr, e, b, in_place=True), "changed the model"),
+        ("check_fedavg_update", "hard-coded", lambda m, x, y, lr, e, b: [torch.zeros_like(p) for p in m.parameters()], "relative error"),
+        ("check_fedavg_update", "nan", lambda m, x, y, lr, e, b: [torch.full_like(p, float("nan")) for p in m.parameters()], "NaN"),
+        ("check_fedavg_update", "one tensor", lambda m, x, y, lr, e, b: torch.cat([p.detach().flatten() for p in m.parameters()]), "list of tensors"),
+        ("check_gradient_from_update", "naive", lambda u, lr, e: [-t / (e * lr) for t in u], "naive reading"),
+        ("check_gradient_from_update", "library", lambda u, lr, e: naive_gradient(u, 1, lr), "dlgkit.attacks"),
+        ("check_gradient_from_update", "sign", lambda u, lr, e: [t / lr for t in u], "sign is wrong"),
+        ("check_gradient_from_update", "the update itself", lambda u, lr, e: list(u), "the update itself"),
+        ("check_gradient_from_update", "hard-coded", lambda u, lr, e: [torch.zeros_like(t) for t in u], "relative error"),
+        ("check_gradient_from_update", "nan", lambda u, lr, e: [t * float("nan") for t in u], "NaN"),
+        ("check_unknown_lr_attack", "data set", face, "dlgkit.data"),
+        ("check_unknown_lr_attack", "nan", lambda m, u, s, l, e: torch.full(s, float("nan")), "NaN"),
+        ("check_unknown_lr_attack", "grey", lambda m, u, s, l, e: torch.full(s, 0.5), "PSNR"),
+        ("check_unknown_lr_attack", "naive cosine", _naive_cosine_attack, "PSNR"),
+        ("check_unknown_lr_attack", "guessed lr", _guessed_lr_attack, "PSNR"),
+        ("check_unknown_lr_attack", "wrong shape", lambda m, u, s, l, e: torch.rand(16, 16), "shape"),
+    ]
+
+
 def cheats() -> list[tuple[str, str, object, str]]:
     """(check, what, cheat, expected fragment of the feedback); every one must fail."""
     attacks, data, defences, federated, metrics, span_residuals = _library()
@@ -351,6 +426,7 @@ def cheats() -> list[tuple[str, str, object, str]]:
         ("check_weakest_noise", "strongest", lambda attack, grid: grid[-1], "not the weakest"),
         ("check_weakest_noise", "nan", lambda attack, grid: float("nan"), "not a variance"),
         ("check_weakest_noise", "string", lambda attack, grid: "1e-3", "float"),
+        *_chapter6_cheats(attacks, data, federated),
     ]
 
 

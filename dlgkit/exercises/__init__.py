@@ -15,5 +15,7 @@ from dlgkit.exercises.defences import *  # noqa: F403
 from dlgkit.exercises.defences import __all__ as _defences_all
 from dlgkit.exercises.text import *  # noqa: F403
 from dlgkit.exercises.text import __all__ as _text_all
+from dlgkit.exercises.fl import *  # noqa: F403
+from dlgkit.exercises.fl import __all__ as _fl_all
 
-__all__ = ["ExerciseFailure", "call_student", "fresh_generator", *_images_all, *_text_all, *_defences_all]
+__all__ = ["ExerciseFailure", "call_student", "fresh_generator", *_images_all, *_text_all, *_defences_all, *_fl_all]
