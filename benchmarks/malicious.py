@@ -64,37 +64,33 @@ def shared_gradient(model, batch: torch.Tensor, seed: int) -> list[torch.Tensor]
     return client_gradient(model, batch, labels)
 
 
-def imprint_table(trials: int) -> list[str]:
-    thresholds = {k: imprint.imprint_thresholds(imprint.varied_faces(4000, seed=1), k) for k in BINS}
-    models = {k: imprint.imprint_model(lenet(), SHAPE, thresholds[k]) for k in BINS}
-    lines = ["| batch B | " + " | ".join(f"k = {k}" for k in BINS) + " |", "| --- |" + " --- |" * len(BINS)]
+def _fraction_table(models: dict, header: str, recover, trials: int, closed_form=None) -> list[str]:
+    """Rows of batch sizes, columns of ``models`` (keyed by k or margin): the mean fraction of
+    a batch that ``recover`` gets back exactly, with the closed form in brackets if given."""
+    lines = ["| batch B | " + " | ".join(header.format(c) for c in models) + " |", "| --- |" + " --- |" * len(models)]
     for b in BATCHES:
         cells = []
-        for k in BINS:
+        for c, model in models.items():
             hits = []
             for t in range(trials):
                 batch = imprint.varied_faces(b, seed=100 + t)
-                rec = imprint.imprint_recover(models[k], shared_gradient(models[k], batch, t))
+                rec = recover(model, shared_gradient(model, batch, t))
                 hits.append(float(imprint.exact_matches(rec, batch).float().mean()))
-            cells.append(f"{statistics.mean(hits):.3f} ({imprint.expected_recovered_fraction(b, bins=k):.3f})")
+            expected = f" ({closed_form(b, c):.3f})" if closed_form else ""
+            cells.append(f"{statistics.mean(hits):.3f}{expected}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return lines
+
+
+def imprint_table(trials: int) -> list[str]:
+    thresholds = {k: imprint.imprint_thresholds(imprint.varied_faces(4000, seed=1), k) for k in BINS}
+    models = {k: imprint.imprint_model(lenet(), SHAPE, thresholds[k]) for k in BINS}
+    return _fraction_table(models, "k = {}", imprint.imprint_recover, trials, lambda b, k: imprint.expected_recovered_fraction(b, bins=k))
 
 
 def trap_table(trials: int, neurons: int) -> list[str]:
     models = {m: trap.trap_model(lenet(), SHAPE, neurons=neurons, margin=m) for m in MARGINS}
-    lines = ["| batch B | " + " | ".join(f"margin {m}" for m in MARGINS) + " |", "| --- |" + " --- |" * len(MARGINS)]
-    for b in BATCHES:
-        cells = []
-        for m in MARGINS:
-            hits = []
-            for t in range(trials):
-                batch = imprint.varied_faces(b, seed=100 + t)
-                rec = trap.trap_recover(models[m], shared_gradient(models[m], batch, t))
-                hits.append(float(imprint.exact_matches(rec, batch).float().mean()))
-            cells.append(f"{statistics.mean(hits):.3f}")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    return lines
+    return _fraction_table(models, "margin {}", trap.trap_recover, trials)
 
 
 def noise_table(trials: int, batch_size: int = 32, bins: int = 256) -> list[str]:

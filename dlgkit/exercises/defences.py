@@ -11,22 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from dlgkit.checks import STOPPED_PSNR
-from dlgkit.exercises._common import (
-    ExerciseFailure,
-    _psnr,
-    _report,
-    _require,
-    _tensor,
-    call_student,
-    fresh_generator,
-    randint,
-)
+from dlgkit.exercises._common import ExerciseFailure, _psnr, _report, _require, _tensor, call_student, fresh_generator, randint
 from dlgkit.exercises.images import _lenet, _private_face
 
 __all__ = ["STOPPED_DB", "check_prune", "check_clip_per_example", "check_weakest_noise"]
 
-#: Exercise 5.3 calls the attack stopped below this PSNR (dB): no face is recognisable there.
-#: Below this PSNR (dB) the attack counts as stopped: the course-wide line of :mod:`dlgkit.checks`.
+#: Exercise 5.3 calls the attack stopped below this PSNR (dB), the course-wide line of
+#: :data:`dlgkit.checks.STOPPED_PSNR`: no face is recognisable there.
 STOPPED_DB = STOPPED_PSNR
 _ATTACK_STEPS = 50
 

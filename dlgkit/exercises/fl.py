@@ -15,16 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlgkit.exercises._common import (
-    ExerciseFailure,
-    _psnr,
-    _report,
-    _require,
-    _tensor,
-    call_student,
-    fresh_generator,
-    randint,
-)
+from dlgkit.exercises._common import ExerciseFailure, _psnr, _report, _require, _tensor, call_student, fresh_generator, randint
 from dlgkit.exercises.images import _gradients, _lenet, _mlp, _mlp_gradients, _private_face
 
 __all__ = ["UNKNOWN_LR_RANGE", "UNKNOWN_LR_TARGET_DB", "check_fedavg_update", "check_gradient_from_update", "check_unknown_lr_attack"]

@@ -16,17 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlgkit import data, models
-from dlgkit.exercises._common import (
-    ExerciseFailure,
-    _as_int_list,
-    _psnr,
-    _report,
-    _require,
-    _tensor,
-    call_student,
-    fresh_generator,
-    randint,
-)
+from dlgkit.exercises._common import ExerciseFailure, _as_int_list, _psnr, _report, _require, _tensor, call_student, fresh_generator, randint
 
 __all__ = [
     "check_shared_gradient",

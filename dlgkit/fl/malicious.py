@@ -18,7 +18,6 @@ Explained in chapter 7 of the book (the malicious server).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -31,8 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 from dlgkit.attacks.imprint import PlantedModel
 from dlgkit.checks import check_nonnegative_int, check_positive_int
 from dlgkit.fl import client_app as honest_client
-from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
-from dlgkit.fl.server_app import CuriousFedAvg, run_server
+from dlgkit.fl.arrays import tensors_to_record
+from dlgkit.fl.server_app import CuriousFedAvg, Reply, reply_fields, run_server
+from dlgkit.fl.simulation import run_offline
 from dlgkit.fl.task import FLSettings, make_model
 
 __all__ = ["INPUT_SHAPE", "Harvest", "MaliciousFedAvg", "planted_client_model", "simulate_malicious", "app"]
@@ -43,18 +43,12 @@ _KEY = "planted-neurons"
 
 
 @dataclass
-class Harvest:
+class Harvest(Reply):
     """The target node's reply to the planted model: ``tensors`` in the order of the planted
     model's parameters (``tensors[0]``, ``tensors[1]``: the planted layer's weight and bias
     gradients in FedSGD), ``planted`` the model it was computed on (with that round's global
     weights inside). Explained in chapter 7 of the book."""
 
-    server_round: int
-    node_id: int
-    partition_id: int
-    kind: str
-    tensors: list[torch.Tensor]
-    num_examples: int
     planted: PlantedModel
 
 
@@ -123,16 +117,8 @@ class MaliciousFedAvg(CuriousFedAvg):
             if msg.has_error() or int(msg.metadata.src_node_id) != self.target_node:
                 honest.append(msg)
                 continue
-            content = msg.content
-            harvest = Harvest(
-                server_round=server_round,
-                node_id=int(msg.metadata.src_node_id),
-                partition_id=int(content["client"]["partition-id"]) if "client" in content else -1,
-                kind="gradient" if self.settings.mode == "fedsgd" else "weights",
-                tensors=record_to_tensors(content["arrays"], self.planted),
-                num_examples=int(content["metrics"]["num-examples"]),
-                planted=_copy(self.planted),
-            )
+            kind = "gradient" if self.settings.mode == "fedsgd" else "weights"
+            harvest = Harvest(**reply_fields(msg, server_round, kind, self.planted), planted=_copy(self.planted))
             self.harvests.append(harvest)
             if self.on_harvest is not None:
                 self.on_harvest(harvest)
@@ -166,7 +152,6 @@ def simulate_malicious(settings: FLSettings, planted: PlantedModel, num_clients:
     partition ``i``) under :class:`MaliciousFedAvg` aimed at node index ``target``, and return
     the strategy: ``.harvests`` holds the target's replies, ``.updates`` the honest ones.
     ``quiet`` keeps Flower's log to errors. Explained in chapter 7 of the book."""
-    from flwr.simulation import run_simulation
 
     check_positive_int("num_clients", num_clients)
     check_positive_int("num_rounds", num_rounds)
@@ -177,12 +162,5 @@ def simulate_malicious(settings: FLSettings, planted: PlantedModel, num_clients:
     def _main(grid: Grid, context: Context) -> None:
         run_server(grid, strategy, num_rounds=num_rounds)
 
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if quiet:
-        flwr_logger.setLevel(logging.ERROR)
-    try:
-        run_simulation(server_app=server_app, client_app=app, num_supernodes=num_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
-    finally:
-        flwr_logger.setLevel(level)
+    run_offline(server_app, app, num_clients, quiet=quiet)
     return strategy

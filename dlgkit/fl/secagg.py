@@ -16,7 +16,6 @@ Explained in chapter 7 of the book (the malicious server; what secure aggregatio
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +33,7 @@ from torch import nn
 from dlgkit.attacks.imprint import PlantedModel
 from dlgkit.checks import check_number, check_positive_int
 from dlgkit.fl.malicious import _KEY, planted_client_model
+from dlgkit.fl.simulation import run_offline
 from dlgkit.fl.task import FLSettings, load_partition, local_train, make_model
 
 __all__ = ["SecAggRecorder", "simulate_secagg", "app"]
@@ -111,8 +111,6 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
     per entry; Flower's default of 2**22 levels blurs the imprint of a face whose gradient is
     small, so the default here is 2**30, the server's choice, with a modulus of 2**40). SecAgg+ needs at least 2 clients and 3 or more shares (with fewer than 3
     clients every client shares with all). Explained in chapter 7 of the book."""
-    from flwr.simulation import run_simulation
-
     if not isinstance(settings, FLSettings) or settings.mode != "fedsgd":
         raise ValueError(f"settings must be an FLSettings with mode='fedsgd' (the aggregate is then a mean gradient), got {settings!r}.")
     n = check_positive_int("num_clients", num_clients)
@@ -132,12 +130,5 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
         workflow = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=max(2, shares - 1), max_weight=settings.examples_per_client, clipping_range=clip, quantization_range=quant, modulus_range=2**40)
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if quiet:
-        flwr_logger.setLevel(logging.ERROR)
-    try:
-        run_simulation(server_app=server_app, client_app=app, num_supernodes=n, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
-    finally:
-        flwr_logger.setLevel(level)
+    run_offline(server_app, app, n, quiet=quiet)
     return strategy

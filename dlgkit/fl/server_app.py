@@ -23,18 +23,15 @@ from dlgkit.federated import SharedUpdate
 from dlgkit.fl.arrays import record_to_tensors, tensors_to_record
 from dlgkit.fl.task import FLSettings, make_model
 
-__all__ = ["ClientUpdate", "CuriousFedAvg", "run_server", "save_updates", "load_updates", "app"]
+__all__ = ["Reply", "ClientUpdate", "CuriousFedAvg", "run_server", "save_updates", "load_updates", "app"]
 
 
 @dataclass
-class ClientUpdate:
-    """One client's reply in one round, as the server saw it.
-
-    ``tensors`` is a gradient (``kind="gradient"``, FedSGD) or ``W_E - W_0`` (``kind="weights"``,
-    FedAvg); ``global_params`` are the weights ``W_0`` the server sent that round. ``node_id`` is
-    Flower's id of the sending node; ``partition_id`` names the data it trained on (ground truth
-    for scoring an attack, sent by our client for the course's bookkeeping).
-    """
+class Reply:
+    """What every client reply carries, as the server saw it: the round, Flower's id of the
+    sending node, the ``partition_id`` of the data it trained on (ground truth for scoring an
+    attack, sent by our client for the course's bookkeeping), the ``kind`` of update, its
+    ``tensors`` and the example count. Explained in chapter 6 of the book."""
 
     server_round: int
     node_id: int
@@ -42,6 +39,28 @@ class ClientUpdate:
     kind: str
     tensors: list[torch.Tensor]
     num_examples: int
+
+
+def reply_fields(msg: Message, server_round: int, kind: str, like: nn.Module) -> dict:
+    """The :class:`Reply` fields of a client's message (its arrays unpacked like ``like``)."""
+    content = msg.content
+    return dict(
+        server_round=server_round,
+        node_id=int(msg.metadata.src_node_id),
+        partition_id=int(content["client"]["partition-id"]) if "client" in content else -1,
+        kind=kind,
+        tensors=record_to_tensors(content["arrays"], like),
+        num_examples=int(content["metrics"]["num-examples"]),
+    )
+
+
+@dataclass
+class ClientUpdate(Reply):
+    """One client's reply in one round. ``tensors`` is a gradient (``kind="gradient"``,
+    FedSGD) or ``W_E - W_0`` (``kind="weights"``, FedAvg); ``global_params`` are the weights
+    ``W_0`` the server sent that round.
+    """
+
     global_params: list[torch.Tensor]
     settings: FLSettings
 
@@ -95,14 +114,8 @@ class CuriousFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            content = msg.content
             update = ClientUpdate(
-                server_round=server_round,
-                node_id=int(msg.metadata.src_node_id),
-                partition_id=int(content["client"]["partition-id"]) if "client" in content else -1,
-                kind=kind,
-                tensors=record_to_tensors(content["arrays"], self.template),
-                num_examples=int(content["metrics"]["num-examples"]),
+                **reply_fields(msg, server_round, kind, self.template),
                 global_params=[w.clone() for w in self._global],
                 settings=self.settings,
             )

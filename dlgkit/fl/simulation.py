@@ -9,6 +9,7 @@ import logging
 from typing import Callable
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -17,7 +18,7 @@ from dlgkit.fl.client_app import app as client_app
 from dlgkit.fl.server_app import ClientUpdate, CuriousFedAvg, run_server
 from dlgkit.fl.task import FLSettings
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "run_offline"]
 
 
 def simulate(settings: FLSettings, num_clients: int = 2, num_rounds: int = 1, on_update: Callable[[ClientUpdate], None] | None = None, quiet: bool = True) -> list[ClientUpdate]:
@@ -30,24 +31,26 @@ def simulate(settings: FLSettings, num_clients: int = 2, num_rounds: int = 1, on
         raise TypeError(f"settings must be an FLSettings, got {type(settings).__name__}.")
     check_positive_int("num_clients", num_clients)
     check_positive_int("num_rounds", num_rounds)
+    strategy = CuriousFedAvg(settings, on_update=on_update, min_train_nodes=num_clients, min_available_nodes=num_clients)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, strategy, num_rounds=num_rounds)
+
+    run_offline(server_app, client_app, num_clients, quiet=quiet)
+    return list(strategy.updates)
+
+
+def run_offline(server_app: ServerApp, client: ClientApp, num_supernodes: int, quiet: bool = True) -> None:
+    """Run ``server_app`` against ``num_supernodes`` simulated nodes of ``client`` in Flower's
+    simulation engine, offline, one CPU per node (Flower's default asks for two); ``quiet``
+    keeps Flower's log to errors while it runs. Used by chapter 6's and chapter 7's runs."""
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if quiet:
         flwr_logger.setLevel(logging.ERROR)
     try:
-        strategy = CuriousFedAvg(settings, on_update=on_update, min_train_nodes=num_clients, min_available_nodes=num_clients)
-        server_app = ServerApp()
-
-        @server_app.main()
-        def _main(grid: Grid, context: Context) -> None:
-            run_server(grid, strategy, num_rounds=num_rounds)
-
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
-        )
+        run_simulation(server_app=server_app, client_app=client, num_supernodes=num_supernodes, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
     finally:
         flwr_logger.setLevel(level)
-    return list(strategy.updates)
