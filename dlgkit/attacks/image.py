@@ -289,7 +289,7 @@ def reconstruct(
       With the default observation it is cross-checked against the gradient (the rank of the
       last layer's weight gradient is the number of distinct examples).
     - ``config``: the attack's settings (:class:`~dlgkit.attacks.engine.AttackConfig`), by
-      default :data:`RECOMMENDED`; ``PAPER_DLG`` reproduces the paper; change a copy with
+      default :data:`~dlgkit.attacks.engine.RECOMMENDED`; ``PAPER_DLG`` reproduces the paper; change a copy with
       ``RECOMMENDED.with_(iterations=100)``.
     - ``labels``: None uses ``config.labels`` (``"idlg"`` or ``"joint"``); a tensor of class
       indices means the attacker knows the labels.

@@ -188,7 +188,7 @@ def _front_gradients(model: PlantedModel, gradients: Sequence[torch.Tensor]) -> 
 def imprint_recover(model: PlantedModel, gradients: Sequence[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
     """The images a gradient of :func:`imprint_model`'s model gives away: one per non-empty bin,
     ``(dW_i - dW_{i+1}) / (db_i - db_{i+1})`` (and ``dW_k / db_k`` for the top bin), in order of
-    brightness, shape (M, *input_shape). A bin counts as empty when its bias difference is below
+    brightness, shape ``(M, *input_shape)``. A bin counts as empty when its bias difference is below
     ``tol`` times the largest bias gradient. A bin with one image gives it exactly; a bin with
     several gives a weighted mix of them. Works on a FedSGD gradient (the difference ``W_0 -
     W_1`` of one local step is ``lr`` times it: same quotients).

@@ -54,7 +54,7 @@ def trap_model(model: nn.Module, input_shape: Sequence[int], neurons: int = 1000
 
 
 def trap_recover(model: PlantedModel, gradients: Sequence[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
-    """One candidate image per neuron that fired: ``dW_i / db_i``, shape (M, *input_shape),
+    """One candidate image per neuron that fired: ``dW_i / db_i``, shape ``(M, *input_shape)``,
     duplicates merged (several neurons fired by the same single image give the same row). A
     neuron counts as silent when its bias gradient is below ``tol`` times the largest one. A
     neuron fired by one image gives it exactly, one fired by several a weighted mix.
