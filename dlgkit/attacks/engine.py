@@ -2,10 +2,10 @@
 
 An attack is a *problem* (what is optimised, what the server saw, which priors apply) handed
 to one loop. The loop has the shape of breaching's (Geiping et al., 2020):
-:func:`run` tries up to ``restarts`` trials (:func:`_run_trial`), each minimising
-:func:`_compute_objective` (a distance between the dummy's observation and the target, plus
+:func:`run` tries up to ``restarts`` trials (``_run_trial``), each minimising
+``_compute_objective`` (a distance between the dummy's observation and the target, plus
 weighted priors) with one optimiser, stopped by one rule, and keeps the trial with the best
-score (:func:`_score_trial`). Distances, optimisers and restart policies are looked up in small
+score (``_score_trial``). Distances, optimisers and restart policies are looked up in small
 dicts, so a new one is one entry. :func:`dlgkit.attacks.image.reconstruct` (images) and
 :func:`dlgkit.attacks.text.reconstruct_text` (text) build their problem and call :func:`run`; a
 new observation (e.g. a FedAvg weight update through simulated local steps) is one ``observe``
@@ -182,7 +182,7 @@ INITS = ("uniform", "gaussian")
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig(EngineConfig):
     """An image attack's settings (:func:`dlgkit.attacks.image.reconstruct`): the engine's
-    (:class:`EngineConfig`: ``distance``, ``optimizer``, ``lr``, ``iterations``, ``restarts``,
+    (``EngineConfig``: ``distance``, ``optimizer``, ``lr``, ``iterations``, ``restarts``,
     ``restart_policy``, ``tol``, ``tol_relative``, ``patience``, ``line_search``, ``float64``) and:
 
     - ``labels``: ``"idlg"`` reads the label off the last layer's gradient first (iDLG for one
@@ -193,7 +193,7 @@ class AttackConfig(EngineConfig):
     - ``init``: the dummy starts as ``"uniform"`` noise in [0, 1] or ``"gaussian"`` noise (the paper).
     - ``clamp``: project the dummy onto [0, 1] after every step.
 
-    The defaults are one trial of the course's recommended attack (:data:`RECOMMENDED` allows
+    The defaults are one trial of the course's recommended attack (:data:`~dlgkit.attacks.engine.RECOMMENDED` allows
     four). Defined in :doc:`/book/02_single_image_dlg`.
     """
 
@@ -217,7 +217,7 @@ DECODERS = ("cosine", "euclidean", "bag")
 @dataclass(frozen=True, kw_only=True)
 class TextAttackConfig(EngineConfig):
     """A text attack's settings (:func:`dlgkit.attacks.text.reconstruct_text`): the engine's
-    (:class:`EngineConfig`; here Adam, no early stop and no stall rule by default) and:
+    (``EngineConfig``; here Adam, no early stop and no stall rule by default) and:
 
     - ``parametrization``: ``"embedding"`` optimises a free vector per position (the paper's
       setting); ``"bag"`` a softmax over the bag of words' embeddings per position.
