@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dlgkit-installed
 BOOK_FLAGS := -W -n --keep-going
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 -p no:randomly
 
-.PHONY: all install js book book-student book-quick test test-unit test-notebooks test-exercises test-html test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
+.PHONY: all install js book book-student test test-notebooks test-gpu test-device exercises benchmark benchmark-text benchmark-defences clean
 
 all: book
 
@@ -72,11 +72,19 @@ test: export DLGKIT_QUICK = 1
 test: export DLGKIT_PROGRESS = 0
 test: $(STAMP) $(JS_STAMP)
 	$(BIN)/python scripts/make_exercises.py --check
-	$(BIN)/python -m pytest tests --ignore=tests/built_book
-	$(BIN)/python -m pytest $(NBVAL) book solutions
+	$(BIN)/python -m pytest tests --ignore=tests/built_book --durations=20
+	# the book build executes every chapter and solution notebook (allow_errors: false, so a
+	# failing cell or assert fails the build): a separate nbval pass would run them all twice
 	rm -rf _build/html
 	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
 	$(BIN)/python -m pytest tests/built_book
+
+## test-notebooks: every chapter and solution notebook under nbval (quick budget), without the
+## book build: the quicker check while editing a notebook
+test-notebooks: export DLGKIT_QUICK = 1
+test-notebooks: export DLGKIT_PROGRESS = 0
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest $(NBVAL) book solutions
 
 ## test-gpu: execute every notebook at the full budget (on CUDA when present); executed
 ## copies and a per-notebook timing table land in _build/executed

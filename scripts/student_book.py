@@ -1,7 +1,7 @@
 """Build the book without the solutions pages, for teachers who hand out the exercises.
 
     python scripts/student_book.py                      # executed, HTML in _build/student/_build/html
-    python scripts/student_book.py --execute off        # pages only, nothing executed (the test's quick check)
+    python scripts/student_book.py --execute off        # pages only, nothing executed, glue warnings off (the test's quick check)
 
 `make book-student` runs the first. The configuration is _config.yml with `solutions` added to
 `exclude_patterns` (written to <out>/_config.yml, so the two can never drift apart); the
@@ -26,6 +26,12 @@ def student_config(execute: str | None = None) -> dict:
     config["exclude_patterns"] = list(config["exclude_patterns"]) + ["solutions"]
     if execute is not None:
         config["execute"]["execute_notebooks"] = execute
+    if execute == "off":
+        # Unexecuted pages have no glue data, so every {glue} role would warn (and -W fails the
+        # build). The pages-only build checks which pages exist and where they link; the glued
+        # numbers are checked in the executed book (tests/built_book/test_glue.py).
+        sphinx_config = config["sphinx"].setdefault("config", {})
+        sphinx_config["suppress_warnings"] = list(sphinx_config.get("suppress_warnings", [])) + ["mystnb.glue"]
     config["bibtex_bibfiles"] = [str(ROOT / path) for path in config["bibtex_bibfiles"]]
     extensions = config["sphinx"].get("local_extensions") or {}  # found relative to the config file
     config["sphinx"]["local_extensions"] = {name: str(ROOT / path) for name, path in extensions.items()}
