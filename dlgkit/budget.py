@@ -60,6 +60,8 @@ def seed_everything(seed: int) -> torch.Generator:
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63) (PyTorch's seed range), got {seed}.")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True

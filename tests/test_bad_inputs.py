@@ -34,6 +34,7 @@ from torch import nn
 
 import dlgkit
 from dlgkit import attacks, budget, data, federated, metrics, models, viz
+from dlgkit.attacks.fedavg import fedavg_observation
 
 DLGKIT_DIR = str(Path(dlgkit.__file__).resolve().parent)
 NAN = float("nan")
@@ -377,6 +378,11 @@ CASES = [
     Case("budget full=0", lambda: budget.budget(0, 1), error=r"full"),
     Case("budget full='100'", lambda: budget.budget("100", 1), error=r"full"),
     Case("seed_everything seed=0.5", lambda: budget.seed_everything(0.5), error=r"seed"),
+    Case("seed_everything seed=2**64", lambda: budget.seed_everything(2**64), error=r"seed.*2\*\*63"),
+    Case("seed_everything seed=-1", lambda: budget.seed_everything(-1), error=r"seed.*2\*\*63"),
+    # FedAvg observation (chapter 6)
+    Case("fedavg_observation loss_fn=None", lambda: fedavg_observation(2, 0.1, loss_fn=None), error=r"loss_fn.*function"),
+    Case("fedavg_observation float labels", lambda: fedavg_observation(2, 0.1)(models.LeNet(channels=1, image_size=8, num_classes=4, seed=0), img(2), torch.tensor([0.0, 2.0])), error=r"y .*integer class indices"),
     # viz
     Case("iteration_strip every=0", lambda: strip(every=0), error=r"every"),
     Case("iteration_strip every=-2", lambda: strip(every=-2), error=r"every"),

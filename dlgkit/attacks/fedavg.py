@@ -45,12 +45,16 @@ def fedavg_observation(local_steps: int, local_lr: float, batch_size: int | None
     local_steps = check_positive_int("local_steps", local_steps)
     local_lr = check_number("local_lr", local_lr, low=0.0, low_open=True, hint="It is the client's local SGD learning rate.")
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True, hint="None uses the whole batch in every step.")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function loss_fn(logits, labels) -> scalar tensor, got {type(loss_fn).__name__}.")
 
     def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}.")
         if x.dim() < 2 or y.dim() not in (1, 2) or len(x) != len(y) or len(x) == 0:
             raise ValueError(f"x must be a non-empty batch (N, ...) and y its N labels (N,) or label rows (N, C); got x {tuple(x.shape)}, y {tuple(y.shape)}.")
+        if y.dim() == 1 and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            raise TypeError(f"y of shape (N,) must hold integer class indices, got dtype {y.dtype}; pass y.long() for indices, or probabilities as (N, C).")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         start = [p.detach().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad]
         weights, size = list(start), batch_size or len(x)
