@@ -83,6 +83,13 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch
 
 # --- chapter 1 -----------------------------------------------------------------------------
 
+def _mlp_case(generator: torch.Generator, low: int, high: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A private case of chapter 1's checks: a fresh MLP and a batch of ``low..high`` examples."""
+    model = _mlp(generator)
+    b = randint(generator, low, high)
+    return model, torch.rand(b, 12, generator=generator), torch.randint(4, (b,), generator=generator)
+
+
 def check_shared_gradient(fn: Callable) -> bool:
     """Exercise 1.1: ``fn(model, x, y)`` returns the list of gradients a FedSGD client shares.
     May use: torch."""
@@ -90,9 +97,8 @@ def check_shared_gradient(fn: Callable) -> bool:
     def body() -> str:
         generator = fresh_generator()
         for trial in range(3):
-            model = _mlp(generator)
-            b = randint(generator, 2, 7)
-            x, y = torch.rand(b, 12, generator=generator), torch.randint(4, (b,), generator=generator)
+            model, x, y = _mlp_case(generator, 2, 7)
+            b = len(x)
             got = call_student(fn, copy.deepcopy(model), x.clone(), y.clone())
             _require(isinstance(got, (list, tuple)), f"return a list of tensors, got {type(got).__name__}.")
             want = _mlp_gradients(model, x, y)
@@ -144,9 +150,8 @@ def check_batch_mixing_weights(fn: Callable) -> bool:
     def body() -> str:
         generator = fresh_generator()
         for trial in range(3):
-            model = _mlp(generator)
-            b = randint(generator, 2, 6)
-            x, y = torch.rand(b, 12, generator=generator), torch.randint(4, (b,), generator=generator)
+            model, x, y = _mlp_case(generator, 2, 6)
+            b = len(x)
             row = randint(generator, 0, 7)
             got = _tensor(call_student(fn, copy.deepcopy(model), x.clone(), y.clone(), row), "alpha")
             _require(got.shape == (b,), f"alpha should have one weight per example, shape ({b},), got {tuple(got.shape)}.")
