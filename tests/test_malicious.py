@@ -58,6 +58,29 @@ def test_closed_form_with_unequal_bins_and_a_dead_region():
 # --- imprint: recovery ------------------------------------------------------------------------
 
 
+def test_closed_form_band_brackets_the_closed_form_and_narrows_with_trials():
+    for batch, bins in [(8, 16), (32, 256), (128, 64)]:
+        expected = im.expected_recovered_fraction(batch, bins=bins)
+        low5, high5 = im.closed_form_band(batch, bins, trials=5)
+        low40, high40 = im.closed_form_band(batch, bins, trials=40)
+        assert low5 <= low40 <= expected <= high40 <= high5
+        assert high40 - low40 < high5 - low5
+    assert im.closed_form_band(8, 4, 3) == im.closed_form_band(8, 4, 3)  # seeded
+
+
+def test_recovery_fractions_measure_the_closed_form():
+    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(im.varied_faces(5000, seed=1), 64))
+    fractions = im.recovery_fractions(model, im.imprint_recover, batch_size=16, trials=6)
+    assert fractions.shape == (6,) and torch.equal(fractions, im.recovery_fractions(model, im.imprint_recover, 16, 6))
+    low, high = im.closed_form_band(16, 64, 6)
+    assert low <= float(fractions.mean()) <= high
+    # a batch larger than the layer's bins: at most one image per bin comes back, no error
+    many = im.recovery_fractions(model, im.imprint_recover, batch_size=200, trials=1)
+    assert float(many[0]) * 200 <= 64
+
+
+
+
 def test_imprint_recovers_single_images_exactly(faces):
     x, y = faces
     th = im.imprint_thresholds(x, 64)
@@ -162,6 +185,16 @@ def test_bad_inputs_give_clear_errors(faces):
         im.exact_matches(x[:2], x[:2] * 255)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         inspect_model("lenet")
+    with pytest.raises(ValueError, match="trials must be a positive int"):
+        im.closed_form_band(8, 16, trials=0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        im.closed_form_band(8, 16, trials=4, level=1.0)
+    with pytest.raises(ValueError, match="bins must be a positive int"):
+        im.closed_form_band(8, 0, trials=4)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        im.recovery_fractions(_lenet(), im.imprint_recover, batch_size=0, trials=2)
+    with pytest.raises(TypeError, match="recover a function"):
+        im.recovery_fractions(_lenet(), "imprint", batch_size=4, trials=2)
 
 
 def test_varied_faces_is_a_seeded_continuous_population():
