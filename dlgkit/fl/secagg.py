@@ -171,6 +171,7 @@ def attack_aggregate(num_clients: int, thresholds: torch.Tensor, iterations: int
     Explained in chapter 7 of the book."""
     from dlgkit import attacks
     from dlgkit.attacks import imprint
+    from dlgkit.attacks.engine import gradient_observation
     from dlgkit.federated import client_gradient
     from dlgkit.metrics import align, batch_report, psnr
 
@@ -194,7 +195,10 @@ def attack_aggregate(num_clients: int, thresholds: torch.Tensor, iterations: int
         seconds = time.perf_counter() - start
     x0, y0 = parts[0]
     one = attacks.reconstruct(honest, seen[0], x0.shape, attacks.RECOMMENDED.with_(iterations=iterations, restarts=1), labels=y0, seed=0, history_every=None, progress=False)
-    many = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, seed=0, history_every=None, progress=False)
+    # The server knows N (it sampled the clients), so it passes the observation explicitly and the
+    # engine does not second-guess the batch size from the last layer's rank, which misses a face
+    # whose gradient is tiny (a confident prediction) once SecAgg+ has quantised the sum.
+    many = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, observe=gradient_observation, seed=0, history_every=None, progress=False)
     batch = many.reconstruction.detach().clamp(0, 1)
     recovered = imprint.imprint_recover(planted, seen[1])
     return AggregateAttacks(
