@@ -210,3 +210,42 @@ def test_best_psnr_scores_each_batch_image_by_its_nearest_recovery(faces):
     assert float(best[1]) > 200 and 35 < float(best[0]) < 41 and float(best[2]) < 35
     assert torch.isinf(im.best_psnr(torch.zeros(0, 1, 32, 32), x[:2])).all()
     assert not im.exact_matches(torch.zeros(0, 1, 32, 32), x[:2]).any()
+
+
+def test_more_bad_inputs_name_the_argument_and_the_fix(faces):
+    x, _ = faces
+    model = _lenet()
+    with pytest.raises(ValueError, match="bins must be a positive int, got 0"):
+        im.expected_recovered_fraction(8, bins=0)
+    with pytest.raises(ValueError, match="bins must be a positive int, got 2.5"):
+        im.imprint_thresholds(x, 2.5)
+    with pytest.raises(ValueError, match="public_images must be a tensor of images"):
+        im.imprint_thresholds([[0.1, 0.2]], 2)
+    with pytest.raises(ValueError, match="public_images holds NaN or inf"):
+        im.imprint_thresholds(torch.cat([x[:4], torch.full((1, 1, 32, 32), float("nan"))]), 2)
+    with pytest.raises(ValueError, match="thresholds must be a 1-D tensor with one entry per bin"):
+        im.imprint_model(model, SHAPE, torch.tensor([]))
+    with pytest.raises(ValueError, match="thresholds holds NaN or inf"):
+        im.imprint_model(model, SHAPE, torch.tensor([0.1, float("inf")]))
+    with pytest.raises(ValueError, match="decoder_scale must lie in"):
+        im.imprint_model(model, SHAPE, torch.tensor([0.1, 0.2]), decoder_scale=0)
+    with pytest.raises(ValueError, match="inputs must be at least 2"):
+        trap.trap_weights(1, 10)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        im.varied_faces(0)
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, ...\) with N >= 1"):
+        im.brightness(torch.rand(0, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"recovered must be a tensor of shape \(M, 1, 32, 32\)"):
+        im.best_psnr(torch.rand(2, 1, 16, 16), x[:2])
+    with pytest.raises(TypeError, match="must be the PlantedModel the server sent"):
+        trap.trap_recover(model, [p.detach() for p in model.parameters()])
+    with pytest.raises(ValueError, match="min_parallel must be at least 2"):
+        inspect_model(model, min_parallel=1)
+    with pytest.raises(ValueError, match="level must lie in"):
+        im.closed_form_band(8, 16, 4, level=0)
+    # a batch far larger than the band can simulate: a clear error pointing at the closed form
+    with pytest.raises(ValueError, match="batch_size x trials = 2000000.*expected_recovered_fraction"):
+        im.closed_form_band(100_000, 16, trials=20)
+    planted = im.imprint_model(model, SHAPE, im.imprint_thresholds(x, 8))
+    with pytest.raises(ValueError, match=r"recover must return the recovered images as a tensor \(M, 1, 32, 32\)"):
+        im.recovery_fractions(planted, lambda m, g: torch.zeros(3), batch_size=4, trials=1)

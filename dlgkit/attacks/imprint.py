@@ -142,8 +142,9 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
-    if isinstance(public_images, torch.Tensor):
-        check_unit_range("public_images", public_images)
+    if not isinstance(public_images, torch.Tensor) or public_images.dim() < 2 or public_images.shape[0] == 0:
+        raise ValueError(f"public_images must be a tensor of images (N, C, H, W) with N >= 1, the server's public sample, got {getattr(public_images, 'shape', type(public_images).__name__)}.")
+    check_unit_range("public_images", public_images)
     stats = brightness(public_images).double().numpy()
     if bins > len(stats):
         raise ValueError(f"bins={bins} needs at least {bins} public images to place its quantiles, got {len(stats)}; use fewer bins or more public images (e.g. varied_faces).")
@@ -224,6 +225,9 @@ def expected_recovered_fraction(batch_size: int, bins: int | None = None, probab
     return float(np.sum(p * (1.0 - p) ** (b - 1)))
 
 
+_BAND_LIMIT = 100_000  # images per simulated measurement in closed_form_band (100 at a time: 80 MB of draws)
+
+
 def closed_form_band(batch_size: int, bins: int, trials: int, level: float = 0.999, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     """The central ``level`` interval of the mean recovered fraction over ``trials`` batches of
     ``batch_size`` images when the ``bins`` bins are exactly equally likely: where a measurement
@@ -233,6 +237,9 @@ def closed_form_band(batch_size: int, bins: int, trials: int, level: float = 0.9
     b, k = check_positive_int("batch_size", batch_size), check_positive_int("bins", bins)
     trials, draws = check_positive_int("trials", trials), check_positive_int("draws", draws)
     level = check_number("level", level, low=0.0, high=1.0, low_open=True, high_open=True)
+    if b * trials > _BAND_LIMIT:
+        raise ValueError(f"batch_size x trials = {b * trials} images per simulated measurement is more than closed_form_band simulates ({_BAND_LIMIT}); "
+                         "use fewer trials, or expected_recovered_fraction alone (the band narrows as 1/sqrt(batch_size x trials)).")
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
     means = []
     for start in range(0, draws, 100):  # in chunks: (100, trials, bins) counts at a time
@@ -285,5 +292,8 @@ def recovery_fractions(model: nn.Module, recover: Callable[[nn.Module, list[torc
     for t in range(trials):
         batch = varied_faces(b, seed=seed + t)
         labels = torch.randint(0, classes, (b,), generator=torch.Generator().manual_seed(t))
-        out.append(float(exact_matches(recover(model, client_gradient(model, batch, labels)), batch).double().mean()))
+        recovered = recover(model, client_gradient(model, batch, labels))
+        if not isinstance(recovered, torch.Tensor) or recovered.dim() != batch.dim() or (recovered.numel() and recovered.shape[1:] != batch.shape[1:]):
+            raise ValueError(f"recover must return the recovered images as a tensor (M, {', '.join(map(str, batch.shape[1:]))}), got {getattr(recovered, 'shape', type(recovered).__name__)}.")
+        out.append(float(exact_matches(recovered, batch).double().mean()))
     return torch.tensor(out, dtype=torch.float64)
