@@ -165,8 +165,8 @@ def attack_aggregate(num_clients: int, thresholds: torch.Tensor, iterations: int
     """Two FedSGD rounds under SecAgg+ with ``num_clients`` clients of one face each (round 1 the
     honest LeNet, round 2 the imprint model of ``thresholds`` with the same weights, sent to every
     client; back layer of scale 1), then every attack on what the server saw: the honest attacks
-    of chapters 2 and 3 (labels known, one start of ``iterations`` L-BFGS steps) on round 1's
-    aggregate, the imprint attack on round 2's. With one client there is nothing to aggregate:
+    of chapters 2 and 3 (labels known, one start of ``iterations`` L-BFGS steps; with one client
+    they are the same attack) on round 1's aggregate, the imprint attack on round 2's. With one client there is nothing to aggregate:
     the server sees the client's own gradients (SecAgg+ needs 2 clients).
     Explained in chapter 7 of the book."""
     from dlgkit import attacks
@@ -198,8 +198,11 @@ def attack_aggregate(num_clients: int, thresholds: torch.Tensor, iterations: int
     # The server knows N (it sampled the clients), so it passes the observation explicitly and the
     # engine does not second-guess the batch size from the last layer's rank, which misses a face
     # whose gradient is tiny (a confident prediction) once SecAgg+ has quantised the sum.
-    many = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, observe=gradient_observation, seed=0, history_every=None, progress=False)
-    batch = many.reconstruction.detach().clamp(0, 1)
+    if n == 1:  # the batch is client 0's face: the batch attack is the attack aimed at it
+        batch = one.reconstruction.detach().clamp(0, 1)
+    else:
+        many = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, observe=gradient_observation, seed=0, history_every=None, progress=False)
+        batch = many.reconstruction.detach().clamp(0, 1)
     recovered = imprint.imprint_recover(planted, seen[1])
     return AggregateAttacks(
         num_clients=n, seconds=seconds, faces=x, labels=y,
