@@ -4,7 +4,7 @@ under chapter 5's Gaussian noise.
 
 Data: :func:`dlgkit.attacks.imprint.varied_faces`, the 100 LFW faces (32x32, grey) with a random
 gamma in [1/2, 2] and random mirroring, a population with a continuous brightness, so batches
-of 128 exist. The server fits the imprint thresholds on 4000 public draws (seed 1); each client
+of 128 exist. The server fits the imprint thresholds on 20000 public draws (seed 1); each client
 batch is a fresh draw (other seeds). The model behind the planted block is the DLG paper's
 LeNet (1 channel, 10 classes); the client shares the FedSGD gradient of its batch with random
 labels. A batch image counts as recovered when some recovered image has PSNR >= 60 dB to it.
@@ -36,18 +36,17 @@ from typing import Sequence
 
 import torch
 
-from dlgkit import attacks
 from dlgkit.attacks import imprint, trap
 from dlgkit.checks import SUCCESS_PSNR
 from dlgkit.defences import add_noise
 from dlgkit.federated import client_gradient
-from dlgkit.metrics import batch_report, psnr
 from dlgkit.models import LeNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_table  # noqa: E402
 
 SHAPE = (1, 32, 32)
+PUBLIC = 20000  # public draws the server fits its imprint thresholds on
 BATCHES = (8, 32, 64, 128)
 BINS = (16, 64, 128, 256)
 MARGINS = (0.01, 0.03, 0.05, 0.1)
@@ -71,19 +70,15 @@ def _fraction_table(models: dict, header: str, recover, trials: int, closed_form
     for b in BATCHES:
         cells = []
         for c, model in models.items():
-            hits = []
-            for t in range(trials):
-                batch = imprint.varied_faces(b, seed=100 + t)
-                rec = recover(model, shared_gradient(model, batch, t))
-                hits.append(float(imprint.exact_matches(rec, batch).float().mean()))
+            measured = float(imprint.recovery_fractions(model, recover, b, trials).mean())
             expected = f" ({closed_form(b, c):.3f})" if closed_form else ""
-            cells.append(f"{statistics.mean(hits):.3f}{expected}")
+            cells.append(f"{measured:.3f}{expected}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return lines
 
 
 def imprint_table(trials: int) -> list[str]:
-    thresholds = {k: imprint.imprint_thresholds(imprint.varied_faces(4000, seed=1), k) for k in BINS}
+    thresholds = {k: imprint.imprint_thresholds(imprint.varied_faces(PUBLIC, seed=1), k) for k in BINS}
     models = {k: imprint.imprint_model(lenet(), SHAPE, thresholds[k]) for k in BINS}
     return _fraction_table(models, "k = {}", imprint.imprint_recover, trials, lambda b, k: imprint.expected_recovered_fraction(b, bins=k))
 
@@ -94,7 +89,7 @@ def trap_table(trials: int, neurons: int) -> list[str]:
 
 
 def noise_table(trials: int, batch_size: int = 32, bins: int = 256) -> list[str]:
-    public = imprint.imprint_thresholds(imprint.varied_faces(4000, seed=1), bins)
+    public = imprint.imprint_thresholds(imprint.varied_faces(PUBLIC, seed=1), bins)
     models = {s: imprint.imprint_model(lenet(), SHAPE, public, decoder_scale=s) for s in SCALES}
     lines = ["| noise variance | " + " | ".join(f"back layer scale {s:g}" for s in SCALES) + " |", "| --- |" + " --- |" * len(SCALES)]
     sizes = {s: [] for s in SCALES}
@@ -119,38 +114,18 @@ def noise_table(trials: int, batch_size: int = 32, bins: int = 256) -> list[str]
 
 def secagg_table(clients: Sequence[int], iterations: int, bins: int = 256) -> list[str]:
     """One face per client; N = 1 is the server seeing the client's own gradient (no SecAgg)."""
-    from dlgkit.fl import task
-    from dlgkit.fl.secagg import simulate_secagg
+    from dlgkit.fl.secagg import attack_aggregate
 
-    settings = task.FLSettings(mode="fedsgd", examples_per_client=1, seed=0)
-    honest = task.make_model(settings)
-    planted = imprint.imprint_model(task.make_model(settings), SHAPE, imprint.imprint_thresholds(imprint.varied_faces(4000, seed=1), bins), decoder_scale=1.0)
-    with torch.no_grad():
-        for p, w in zip(planted.model.parameters(), honest.parameters()):
-            p.copy_(w)
+    thresholds = imprint.imprint_thresholds(imprint.varied_faces(PUBLIC, seed=1), bins)
     lines = [
         "| clients N | seconds (SecAgg+ run) | honest attack, client 0's face (dB) | honest batch attack, mean over N faces (dB) | imprint, fraction >= 60 dB / >= 30 dB (closed form) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for n in clients:
-        parts = [task.load_partition(settings, i, n) for i in range(n)]
-        x, y = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
-        start = time.time()
-        if n == 1:
-            seen = [client_gradient(honest, x, y), client_gradient(planted, x, y)]
-            took = "no SecAgg"
-        else:
-            seen = simulate_secagg(settings, [honest, planted], num_clients=n).aggregates
-            took = f"{time.time() - start:.0f}"
-        one = attacks.reconstruct(honest, seen[0], parts[0][0].shape, attacks.RECOMMENDED.with_(iterations=iterations, restarts=1), labels=parts[0][1], seed=0)
-        try:
-            batch = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, seed=0)
-            score = f"{batch_report(batch.reconstruction, x)['psnr']:.1f}"
-        except ValueError as err:  # the engine's rank check: a batch whose last-layer gradient looks like fewer examples
-            score = "refused: " + str(err).split(":")[0]
-        best = imprint.best_psnr(imprint.imprint_recover(planted, seen[1]), x)
-        hit, seen_ok = float((best >= imprint.EXACT_PSNR).float().mean()), float((best >= SUCCESS_PSNR).float().mean())
-        lines.append(f"| {n} | {took} | {float(psnr(one.reconstruction, parts[0][0])):.1f} | {score} | {hit:.3f} / {seen_ok:.3f} ({imprint.expected_recovered_fraction(n, bins=bins):.3f}) |")
+        r = attack_aggregate(n, thresholds, iterations=iterations)
+        took = f"{r.seconds:.0f}" if n > 1 else "no SecAgg"
+        hit, seen_ok = float((r.imprint_best >= imprint.EXACT_PSNR).float().mean()), float((r.imprint_best >= SUCCESS_PSNR).float().mean())
+        lines.append(f"| {n} | {took} | {r.single_psnr:.1f} | {r.batch_psnr:.1f} | {hit:.3f} / {seen_ok:.3f} ({r.expected:.3f}) |")
         print(lines[-1], flush=True)
     return lines
 

@@ -349,6 +349,80 @@ def _chapter6_cheats(attacks, data, federated) -> list[tuple[str, str, object, s
     ]
 
 
+# --- chapter 7: imprint thresholds, recovery, the closed form, a degenerate statistic ----------
+
+def _quantiles(b, k, levels):
+    return torch.quantile(b.double(), levels.double()).float()
+
+
+def _lowered(c):
+    return torch.cat([c[:1] - 1, c[1:]])
+
+
+def _cumulative_rows(w, b):
+    fired = b.abs() > 0
+    return w[fired] / b[fired, None]
+
+
+def _differences_without_top(w, b):
+    dw, db = w[:-1] - w[1:], b[:-1] - b[1:]
+    full = db.abs() > 1e-6 * b.abs().max()
+    return dw[full] / db[full, None]
+
+
+def _all_bins(w, b):
+    return torch.cat([w[:-1] - w[1:], w[-1:]]) / torch.cat([b[:-1] - b[1:], b[-1:]])[:, None]
+
+
+def _planted_rows(direction, thresholds):
+    k = len(thresholds)
+    return direction.expand(k, -1).float().clone(), (-thresholds).float()
+
+
+def _brightness_layer(public, k):
+    d = public[0].numel()
+    stat = public.flatten(1).mean(1).double()
+    return _planted_rows(torch.full((d,), 1.0 / d), _lowered(_quantiles(stat, k, torch.arange(k) / k)) + torch.arange(k) * 1e-7)
+
+
+def _random_direction_even(public, k):
+    u = torch.randn(public[0].numel(), generator=torch.Generator().manual_seed(0))
+    stat = public.flatten(1) @ u
+    return _planted_rows(u, _lowered(torch.linspace(float(stat.min()), float(stat.max()), k + 1)[:-1]))
+
+
+def _chapter7_cheats() -> list[tuple[str, str, object, str]]:
+    from dlgkit.attacks import imprint
+
+    return [
+        ("check_imprint_thresholds", "library", lambda b, k: imprint.imprint_thresholds(b.view(-1, 1, 1, 1), k), "dlgkit.attacks"),
+        ("check_imprint_thresholds", "evenly spaced", lambda b, k: _lowered(torch.linspace(float(b.min()), float(b.max()), k + 1)[:-1]), "Evenly spaced"),
+        ("check_imprint_thresholds", "quantiles i/k", lambda b, k: _quantiles(b, k, torch.arange(1, k + 1) / k), "quantiles 1/k"),
+        ("check_imprint_thresholds", "public minimum", lambda b, k: _quantiles(b, k, torch.arange(k) / k), "public minimum is not enough"),
+        ("check_imprint_thresholds", "hard-coded", lambda b, k: torch.arange(k) / k - 0.01, "not equally likely"),
+        ("check_imprint_thresholds", "decreasing", lambda b, k: -torch.arange(k, dtype=torch.float32), "strictly increasing"),
+        ("check_imprint_thresholds", "nan", lambda b, k: torch.full((k,), float("nan")), "NaN"),
+        ("check_imprint_recover", "library", lambda w, b: imprint.imprint_recover(None, [w, b]), "dlgkit.attacks"),
+        ("check_imprint_recover", "cumulative rows", _cumulative_rows, "only the top bin"),
+        ("check_imprint_recover", "no top bin", _differences_without_top, "except the brightest"),
+        ("check_imprint_recover", "nan", _all_bins, "NaN"),
+        ("check_imprint_recover", "hard-coded", lambda w, b: torch.zeros(3, w.shape[1]), "did not come back"),
+        ("check_imprint_recover", "frames", lambda w, b: _walk_up("x").flatten(1), ""),
+        ("check_expected_fraction", "library", lambda p, n: imprint.expected_recovered_fraction(n, probabilities=p.tolist()), "dlgkit.attacks"),
+        ("check_expected_fraction", "equal bins", lambda p, n: (1 - 1 / len(p)) ** (n - 1), "equally likely"),
+        ("check_expected_fraction", "exponent", lambda p, n: float((p * (1 - p) ** n).sum()), "off by one"),
+        ("check_expected_fraction", "renormalised", lambda p, n: float(((q := p / p.sum()) * (1 - q) ** (n - 1)).sum()), "renormalised"),
+        ("check_expected_fraction", "string", lambda p, n: "0.5", "float"),
+        ("check_expected_fraction", "nan", lambda p, n: float("nan"), "not a number"),
+        ("check_flat_brightness_layer", "library", lambda x, k: _planted_rows(torch.ones(x[0].numel()), imprint.imprint_thresholds(x, k)), "dlgkit.attacks"),
+        ("check_flat_brightness_layer", "brightness bins", _brightness_layer, "below the target"),
+        ("check_flat_brightness_layer", "evenly spaced", _random_direction_even, "below the target"),
+        ("check_flat_brightness_layer", "over budget", lambda x, k: _planted_rows(torch.ones(x[0].numel()), torch.arange(k + 1.0)), "at most 64"),
+        ("check_flat_brightness_layer", "nan", lambda x, k: (torch.full((k, x[0].numel()), float("nan")), torch.zeros(k)), "NaN"),
+        ("check_flat_brightness_layer", "frames", lambda x, k: _walk_up("x"), ""),
+    ]
+
+
 def cheats() -> list[tuple[str, str, object, str]]:
     """(check, what, cheat, expected fragment of the feedback); every one must fail."""
     attacks, data, defences, federated, metrics, span_residuals = _library()
@@ -427,6 +501,7 @@ def cheats() -> list[tuple[str, str, object, str]]:
         ("check_weakest_noise", "nan", lambda attack, grid: float("nan"), "not a variance"),
         ("check_weakest_noise", "string", lambda attack, grid: "1e-3", "float"),
         *_chapter6_cheats(attacks, data, federated),
+        *_chapter7_cheats(),
     ]
 
 

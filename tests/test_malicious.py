@@ -58,6 +58,29 @@ def test_closed_form_with_unequal_bins_and_a_dead_region():
 # --- imprint: recovery ------------------------------------------------------------------------
 
 
+def test_closed_form_band_brackets_the_closed_form_and_narrows_with_trials():
+    for batch, bins in [(8, 16), (32, 256), (128, 64)]:
+        expected = im.expected_recovered_fraction(batch, bins=bins)
+        low5, high5 = im.closed_form_band(batch, bins, trials=5)
+        low40, high40 = im.closed_form_band(batch, bins, trials=40)
+        assert low5 <= low40 <= expected <= high40 <= high5
+        assert high40 - low40 < high5 - low5
+    assert im.closed_form_band(8, 4, 3) == im.closed_form_band(8, 4, 3)  # seeded
+
+
+def test_recovery_fractions_measure_the_closed_form():
+    model = im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(im.varied_faces(5000, seed=1), 64))
+    fractions = im.recovery_fractions(model, im.imprint_recover, batch_size=16, trials=6)
+    assert fractions.shape == (6,) and torch.equal(fractions, im.recovery_fractions(model, im.imprint_recover, 16, 6))
+    low, high = im.closed_form_band(16, 64, 6)
+    assert low <= float(fractions.mean()) <= high
+    # a batch larger than the layer's bins: at most one image per bin comes back, no error
+    many = im.recovery_fractions(model, im.imprint_recover, batch_size=200, trials=1)
+    assert float(many[0]) * 200 <= 64
+
+
+
+
 def test_imprint_recovers_single_images_exactly(faces):
     x, y = faces
     th = im.imprint_thresholds(x, 64)
@@ -162,6 +185,16 @@ def test_bad_inputs_give_clear_errors(faces):
         im.exact_matches(x[:2], x[:2] * 255)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         inspect_model("lenet")
+    with pytest.raises(ValueError, match="trials must be a positive int"):
+        im.closed_form_band(8, 16, trials=0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        im.closed_form_band(8, 16, trials=4, level=1.0)
+    with pytest.raises(ValueError, match="bins must be a positive int"):
+        im.closed_form_band(8, 0, trials=4)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        im.recovery_fractions(_lenet(), im.imprint_recover, batch_size=0, trials=2)
+    with pytest.raises(TypeError, match="recover a function"):
+        im.recovery_fractions(_lenet(), "imprint", batch_size=4, trials=2)
 
 
 def test_varied_faces_is_a_seeded_continuous_population():
@@ -177,3 +210,42 @@ def test_best_psnr_scores_each_batch_image_by_its_nearest_recovery(faces):
     assert float(best[1]) > 200 and 35 < float(best[0]) < 41 and float(best[2]) < 35
     assert torch.isinf(im.best_psnr(torch.zeros(0, 1, 32, 32), x[:2])).all()
     assert not im.exact_matches(torch.zeros(0, 1, 32, 32), x[:2]).any()
+
+
+def test_more_bad_inputs_name_the_argument_and_the_fix(faces):
+    x, _ = faces
+    model = _lenet()
+    with pytest.raises(ValueError, match="bins must be a positive int, got 0"):
+        im.expected_recovered_fraction(8, bins=0)
+    with pytest.raises(ValueError, match="bins must be a positive int, got 2.5"):
+        im.imprint_thresholds(x, 2.5)
+    with pytest.raises(ValueError, match="public_images must be a tensor of images"):
+        im.imprint_thresholds([[0.1, 0.2]], 2)
+    with pytest.raises(ValueError, match="public_images holds NaN or inf"):
+        im.imprint_thresholds(torch.cat([x[:4], torch.full((1, 1, 32, 32), float("nan"))]), 2)
+    with pytest.raises(ValueError, match="thresholds must be a 1-D tensor with one entry per bin"):
+        im.imprint_model(model, SHAPE, torch.tensor([]))
+    with pytest.raises(ValueError, match="thresholds holds NaN or inf"):
+        im.imprint_model(model, SHAPE, torch.tensor([0.1, float("inf")]))
+    with pytest.raises(ValueError, match="decoder_scale must lie in"):
+        im.imprint_model(model, SHAPE, torch.tensor([0.1, 0.2]), decoder_scale=0)
+    with pytest.raises(ValueError, match="inputs must be at least 2"):
+        trap.trap_weights(1, 10)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        im.varied_faces(0)
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, ...\) with N >= 1"):
+        im.brightness(torch.rand(0, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"recovered must be a tensor of shape \(M, 1, 32, 32\)"):
+        im.best_psnr(torch.rand(2, 1, 16, 16), x[:2])
+    with pytest.raises(TypeError, match="must be the PlantedModel the server sent"):
+        trap.trap_recover(model, [p.detach() for p in model.parameters()])
+    with pytest.raises(ValueError, match="min_parallel must be at least 2"):
+        inspect_model(model, min_parallel=1)
+    with pytest.raises(ValueError, match="level must lie in"):
+        im.closed_form_band(8, 16, 4, level=0)
+    # a batch far larger than the band can simulate: a clear error pointing at the closed form
+    with pytest.raises(ValueError, match="batch_size x trials = 2000000.*expected_recovered_fraction"):
+        im.closed_form_band(100_000, 16, trials=20)
+    planted = im.imprint_model(model, SHAPE, im.imprint_thresholds(x, 8))
+    with pytest.raises(ValueError, match=r"recover must return the recovered images as a tensor \(M, 1, 32, 32\)"):
+        im.recovery_fractions(planted, lambda m, g: torch.zeros(3), batch_size=4, trials=1)

@@ -10,7 +10,7 @@ from dlgkit.attacks import imprint as im
 from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR
 from dlgkit.federated import client_gradient
 from dlgkit.fl import task
-from dlgkit.fl.secagg import simulate_secagg
+from dlgkit.fl.secagg import attack_aggregate, simulate_secagg
 
 N = 3
 
@@ -65,3 +65,15 @@ def test_secagg_bad_inputs():
         simulate_secagg(task.FLSettings(mode="fedsgd"), [task.make_model(task.FLSettings())], num_clients=0)
     with pytest.raises(ValueError, match="num_clients must be at least 2 for SecAgg"):
         simulate_secagg(task.FLSettings(mode="fedsgd"), [task.make_model(task.FLSettings())], num_clients=1)
+
+
+def test_attack_aggregate_with_one_client_sees_its_gradient():
+    th = im.imprint_thresholds(im.varied_faces(2000, seed=1), 64)
+    r = attack_aggregate(1, th, iterations=60)
+    assert r.seconds == 0.0 and r.faces.shape == (1, 1, 32, 32) and r.expected == 1.0
+    assert r.single_psnr >= SUCCESS_PSNR and r.batch_psnr >= SUCCESS_PSNR  # one face, its own gradient
+    assert float(r.imprint_best[0]) >= im.EXACT_PSNR
+    with pytest.raises(ValueError, match="examples_per_client=1"):
+        attack_aggregate(2, th, settings=task.FLSettings(mode="fedsgd", examples_per_client=2))
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        attack_aggregate(1, th, iterations=0)

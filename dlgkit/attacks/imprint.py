@@ -18,7 +18,7 @@ Explained in chapter 7 of the book (the malicious server).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ __all__ = [
     "expected_recovered_fraction",
     "best_psnr",
     "exact_matches",
+    "recovery_fractions",
+    "closed_form_band",
 ]
 
 #: PSNR (dB) at and above which a recovered image counts as exact (chapter 7).
@@ -140,8 +142,9 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
-    if isinstance(public_images, torch.Tensor):
-        check_unit_range("public_images", public_images)
+    if not isinstance(public_images, torch.Tensor) or public_images.dim() < 2 or public_images.shape[0] == 0:
+        raise ValueError(f"public_images must be a tensor of images (N, C, H, W) with N >= 1, the server's public sample, got {getattr(public_images, 'shape', type(public_images).__name__)}.")
+    check_unit_range("public_images", public_images)
     stats = brightness(public_images).double().numpy()
     if bins > len(stats):
         raise ValueError(f"bins={bins} needs at least {bins} public images to place its quantiles, got {len(stats)}; use fewer bins or more public images (e.g. varied_faces).")
@@ -222,6 +225,32 @@ def expected_recovered_fraction(batch_size: int, bins: int | None = None, probab
     return float(np.sum(p * (1.0 - p) ** (b - 1)))
 
 
+_BAND_LIMIT = 100_000  # images per simulated measurement in closed_form_band (100 at a time: 80 MB of draws)
+
+
+def closed_form_band(batch_size: int, bins: int, trials: int, level: float = 0.999, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The central ``level`` interval of the mean recovered fraction over ``trials`` batches of
+    ``batch_size`` images when the ``bins`` bins are exactly equally likely: where a measurement
+    lands if the closed form (:func:`expected_recovered_fraction`) holds, so that a measured
+    fraction outside it is a real disagreement, not bad luck. Simulated with ``draws`` sets of
+    ``trials`` batches (a generator seeded with ``seed``). Explained in chapter 7 of the book."""
+    b, k = check_positive_int("batch_size", batch_size), check_positive_int("bins", bins)
+    trials, draws = check_positive_int("trials", trials), check_positive_int("draws", draws)
+    level = check_number("level", level, low=0.0, high=1.0, low_open=True, high_open=True)
+    if b * trials > _BAND_LIMIT:
+        raise ValueError(f"batch_size x trials = {b * trials} images per simulated measurement is more than closed_form_band simulates ({_BAND_LIMIT}); "
+                         "use fewer trials, or expected_recovered_fraction alone (the band narrows as 1/sqrt(batch_size x trials)).")
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
+    means = []
+    for start in range(0, draws, 100):  # in chunks: (100, trials, bins) counts at a time
+        n = min(100, draws - start)
+        which = torch.randint(0, k, (n, trials, b), generator=gen)
+        counts = torch.zeros(n, trials, k).scatter_add_(2, which, torch.ones(n, trials, b))
+        means.append((counts.gather(2, which) == 1).double().mean((1, 2)))
+    q = torch.quantile(torch.cat(means), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
 def best_psnr(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """For each image of ``batch``, the PSNR (dB, peak 1: pixels in [0, 1]) of the recovered
     image closest to it, shape (N,); ``-inf`` when nothing was recovered. Distances are computed
@@ -245,3 +274,26 @@ def exact_matches(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     boolean tensor of shape (N,). The recovered fraction is its mean.
     Explained in chapter 7 of the book."""
     return best_psnr(recovered, batch) >= EXACT_PSNR
+
+
+def recovery_fractions(model: nn.Module, recover: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor], batch_size: int, trials: int, num_classes: int = 10, seed: int = 100) -> torch.Tensor:
+    """The fraction of each of ``trials`` client batches that ``recover`` (e.g.
+    :func:`imprint_recover` or :func:`dlgkit.attacks.trap.trap_recover`) gets back exactly
+    (:func:`exact_matches`) from the FedSGD gradient of ``model``, shape ``(trials,)``. Batch ``t``
+    is ``varied_faces(batch_size, seed=seed + t)`` with labels drawn uniformly from
+    ``num_classes`` (generator seed ``t``). Explained in chapter 7 of the book."""
+    from dlgkit.federated import client_gradient
+
+    if not isinstance(model, nn.Module) or not callable(recover):
+        raise TypeError(f"model must be a torch.nn.Module and recover a function (model, gradients) -> images, got {type(model).__name__} and {type(recover).__name__}.")
+    b, trials = check_positive_int("batch_size", batch_size), check_positive_int("trials", trials)
+    classes, seed = check_positive_int("num_classes", num_classes), check_seed("seed", seed)
+    out = []
+    for t in range(trials):
+        batch = varied_faces(b, seed=seed + t)
+        labels = torch.randint(0, classes, (b,), generator=torch.Generator().manual_seed(t))
+        recovered = recover(model, client_gradient(model, batch, labels))
+        if not isinstance(recovered, torch.Tensor) or recovered.dim() != batch.dim() or (recovered.numel() and recovered.shape[1:] != batch.shape[1:]):
+            raise ValueError(f"recover must return the recovered images as a tensor (M, {', '.join(map(str, batch.shape[1:]))}), got {getattr(recovered, 'shape', type(recovered).__name__)}.")
+        out.append(float(exact_matches(recovered, batch).double().mean()))
+    return torch.tensor(out, dtype=torch.float64)

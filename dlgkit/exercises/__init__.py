@@ -17,5 +17,7 @@ from dlgkit.exercises.text import *  # noqa: F403
 from dlgkit.exercises.text import __all__ as _text_all
 from dlgkit.exercises.fl import *  # noqa: F403
 from dlgkit.exercises.fl import __all__ as _fl_all
+from dlgkit.exercises.malicious import *  # noqa: F403
+from dlgkit.exercises.malicious import __all__ as _malicious_all
 
-__all__ = ["ExerciseFailure", "call_student", "fresh_generator", *_images_all, *_text_all, *_defences_all, *_fl_all]
+__all__ = ["ExerciseFailure", "call_student", "fresh_generator", *_images_all, *_text_all, *_defences_all, *_fl_all, *_malicious_all]

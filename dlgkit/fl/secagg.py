@@ -16,6 +16,8 @@ Explained in chapter 7 of the book (the malicious server; what secure aggregatio
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -36,7 +38,7 @@ from dlgkit.fl.malicious import _KEY, planted_client_model
 from dlgkit.fl.simulation import run_offline
 from dlgkit.fl.task import FLSettings, load_partition, local_train, make_model
 
-__all__ = ["SecAggRecorder", "simulate_secagg", "app"]
+__all__ = ["SecAggRecorder", "simulate_secagg", "AggregateAttacks", "attack_aggregate", "app"]
 
 
 def _client_model(config: dict) -> nn.Module:
@@ -132,3 +134,80 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
 
     run_offline(server_app, app, n, quiet=quiet)
     return strategy
+
+
+@dataclass
+class AggregateAttacks:
+    """What :func:`attack_aggregate` measured for ``num_clients`` clients of one face each.
+
+    ``faces``/``labels``: the clients' data (ground truth, for scoring only). ``single``: chapter
+    2's attack aimed at client 0's face, scored ``single_psnr`` against it. ``batch``: chapter 3's
+    batch attack on all N faces, aligned to ``faces``, mean PSNR ``batch_psnr``. ``imprint_best``:
+    each face's best PSNR among the imprint attack's recoveries (``imprint_recovered``).
+    ``expected``: the closed form for N images in the imprint's bins. ``seconds``: the SecAgg+ run
+    (0 for N = 1, where the server sees the lone client's gradient).
+    Explained in chapter 7 of the book."""
+
+    num_clients: int
+    seconds: float
+    faces: torch.Tensor
+    labels: torch.Tensor
+    single: torch.Tensor
+    single_psnr: float
+    batch: torch.Tensor
+    batch_psnr: float
+    imprint_recovered: torch.Tensor
+    imprint_best: torch.Tensor
+    expected: float
+
+
+def attack_aggregate(num_clients: int, thresholds: torch.Tensor, iterations: int = 300, settings: FLSettings | None = None) -> AggregateAttacks:
+    """Two FedSGD rounds under SecAgg+ with ``num_clients`` clients of one face each (round 1 the
+    honest LeNet, round 2 the imprint model of ``thresholds`` with the same weights, sent to every
+    client; back layer of scale 1), then every attack on what the server saw: the honest attacks
+    of chapters 2 and 3 (labels known, one start of ``iterations`` L-BFGS steps; with one client
+    they are the same attack) on round 1's aggregate, the imprint attack on round 2's. With one client there is nothing to aggregate:
+    the server sees the client's own gradients (SecAgg+ needs 2 clients).
+    Explained in chapter 7 of the book."""
+    from dlgkit import attacks
+    from dlgkit.attacks import imprint
+    from dlgkit.attacks.engine import gradient_observation
+    from dlgkit.federated import client_gradient
+    from dlgkit.metrics import align, batch_report, psnr
+
+    n = check_positive_int("num_clients", num_clients)
+    iterations = check_positive_int("iterations", iterations)
+    settings = settings if settings is not None else FLSettings(mode="fedsgd", examples_per_client=1, seed=0)
+    if not isinstance(settings, FLSettings) or settings.mode != "fedsgd" or settings.examples_per_client != 1:
+        raise ValueError(f"settings must be an FLSettings with mode='fedsgd' and examples_per_client=1 (one face per client), got {settings!r}.")
+    honest = make_model(settings)
+    planted = imprint.imprint_model(make_model(settings), (1, 32, 32), thresholds, decoder_scale=1.0)
+    with torch.no_grad():
+        for p, w in zip(planted.model.parameters(), honest.parameters()):
+            p.copy_(w)
+    parts = [load_partition(settings, i, n) for i in range(n)]
+    x, y = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+    start = time.perf_counter()
+    if n == 1:
+        seen, seconds = [client_gradient(honest, x, y), client_gradient(planted, x, y)], 0.0
+    else:
+        seen = simulate_secagg(settings, [honest, planted], num_clients=n).aggregates
+        seconds = time.perf_counter() - start
+    x0, y0 = parts[0]
+    one = attacks.reconstruct(honest, seen[0], x0.shape, attacks.RECOMMENDED.with_(iterations=iterations, restarts=1), labels=y0, seed=0, history_every=None, progress=False)
+    # The server knows N (it sampled the clients), so it passes the observation explicitly and the
+    # engine does not second-guess the batch size from the last layer's rank, which misses a face
+    # whose gradient is tiny (a confident prediction) once SecAgg+ has quantised the sum.
+    if n == 1:  # the batch is client 0's face: the batch attack is the attack aimed at it
+        batch = one.reconstruction.detach().clamp(0, 1)
+    else:
+        many = attacks.reconstruct(honest, seen[0], x.shape, attacks.RECOMMENDED_BATCH.with_(iterations=iterations, restarts=1), labels=y, observe=gradient_observation, seed=0, history_every=None, progress=False)
+        batch = many.reconstruction.detach().clamp(0, 1)
+    recovered = imprint.imprint_recover(planted, seen[1])
+    return AggregateAttacks(
+        num_clients=n, seconds=seconds, faces=x, labels=y,
+        single=one.reconstruction.detach().clamp(0, 1), single_psnr=float(psnr(one.reconstruction.detach(), x0)),
+        batch=batch[align(batch, x)], batch_psnr=float(batch_report(batch, x)["psnr"]),
+        imprint_recovered=recovered, imprint_best=imprint.best_psnr(recovered, x),
+        expected=imprint.expected_recovered_fraction(n, bins=len(thresholds)),
+    )
