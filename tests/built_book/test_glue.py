@@ -22,7 +22,7 @@ from dlgkit.checks import STOPPED_PSNR, SUCCESS_PSNR
 
 ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
-GLUED_CHAPTERS = ["01_gradient_sharing", "02_single_image_dlg", "03_batched_dlg", "06_flower"]
+GLUED_CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb"))  # every chapter
 
 #: numbers with a unit that the prose may type next to a glued one: thresholds and
 #: definitions of the course, not results of a computation

@@ -12,7 +12,7 @@ from bs4 import BeautifulSoup
 
 ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
-CHAPTERS = ["book/01_gradient_sharing", "book/02_single_image_dlg", "book/03_batched_dlg"]
+CHAPTERS = sorted(f"book/{p.stem}" for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb"))  # every chapter
 
 
 @pytest.fixture(scope="module")
