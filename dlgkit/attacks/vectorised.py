@@ -129,8 +129,9 @@ class BatchedLBFGS:
         p, d = z.shape
         self.lr, self.line_search = lr, line_search
         self.rows = torch.arange(p, device=z.device)
-        self.s, self.y = z.new_zeros((p, self.history_size, d)), z.new_zeros((p, self.history_size, d))
-        # sy[j, k] = s_j . y_k and yy[j, k] = y_j . y_k over the slots of the ring buffers s and y
+        # the pairs in ring buffers: pairs[:, j] is s and pairs[:, m + j] is y of slot j; sy[j, k] =
+        # s_j . y_k and yy[j, k] = y_j . y_k (one pass over the history per product, see _store_pair)
+        self.pairs = z.new_zeros((p, 2 * self.history_size, d))
         self.sy, self.yy = z.new_zeros((p, self.history_size, self.history_size)), z.new_zeros((p, self.history_size, self.history_size))
         self.count = torch.zeros(p, dtype=torch.long, device=z.device)
         self.pos = torch.zeros_like(self.count)
@@ -171,10 +172,13 @@ class BatchedLBFGS:
         rows = turn.nonzero().flatten()
         if rows.numel() == 0:
             return
-        take = (lambda t: t) if rows.numel() == turn.numel() else (lambda t: t.index_select(0, rows))
-        history = self._store_pair(rows, take)
-        d = self._direction(rows, take, *history)
-        self.d = self.d.index_copy(0, rows, d)
+        if 2 * rows.numel() > turn.numel():  # most problems turn: work on all, masked
+            rows, take, chosen = self.rows, (lambda t: t), turn
+        else:  # a few: work on copies of their rows
+            take, chosen = (lambda t: t.index_select(0, rows)), torch.ones_like(rows, dtype=torch.bool)
+        history = self._store_pair(rows, take, chosen)
+        d = self._direction(take, *history)
+        self.d = _where(turn, d, self.d) if rows is self.rows else self.d.index_copy(0, rows, d)
         self.prev_g, self.f_start = _where(turn, self.g, self.prev_g), torch.where(turn, self.f, self.f_start)
         first_t = (1 / self.g.abs().sum(1)).clamp(max=1.0) * self.lr
         self.t = torch.where(turn, torch.where(self.fresh, first_t, torch.full_like(self.t, self.lr)), self.t)
@@ -185,44 +189,47 @@ class BatchedLBFGS:
         self.searching = self.searching | (turn & descent)
         self.tries = torch.where(turn, torch.zeros_like(self.tries), self.tries)
 
-    def _store_pair(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Keep the last iteration's pair (s, y) of the problems ``rows`` if y.s > 1e-10, with
-        its inner products with the stored pairs; returns their histories for :meth:`_direction`."""
+    def _store_pair(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], chosen: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keep the last iteration's pair (s, y) of the problems ``rows`` (where ``chosen``) if
+        y.s > 1e-10, with its inner products with the stored pairs; returns what
+        :meth:`_direction` needs. One batched product reads the history once."""
         m, k = self.history_size, rows.numel()
-        y, s = take(self.g) - take(self.prev_g), take(self.d) * take(self.t)[:, None]
+        g = take(self.g)
+        y, s = g - take(self.prev_g), take(self.d) * take(self.t)[:, None]
         ys = (y * s).sum(1)
         fresh = take(self.fresh)
-        keep = ~fresh & (ys > 1e-10)
+        keep = chosen & ~fresh & (ys > 1e-10)
         slot, at = take(self.pos), torch.arange(k, device=rows.device)
-        s_hist, y_hist, sy, yy = take(self.s), take(self.y), take(self.sy), take(self.yy)
-        s_hist[at, slot] = _where(keep, s, s_hist[at, slot])
-        y_hist[at, slot] = _where(keep, y, y_hist[at, slot])
-        s_y = torch.bmm(y_hist, s[:, :, None])[..., 0]  # s_new . y_j for every slot j (new slot included)
-        y_s = torch.bmm(s_hist, y[:, :, None])[..., 0]  # s_j . y_new
-        y_y = torch.bmm(y_hist, y[:, :, None])[..., 0]  # y_j . y_new
-        sy[at, slot] = _where(keep, s_y, sy[at, slot])
-        sy[at, :, slot] = _where(keep, y_s, sy[at, :, slot])
-        yy[at, slot] = _where(keep, y_y, yy[at, slot])
-        yy[at, :, slot] = _where(keep, y_y, yy[at, :, slot])
-        if k < self.s.shape[0]:  # the copies go back
-            self.s[rows, slot], self.y[rows, slot] = s_hist[at, slot], y_hist[at, slot]
+        pairs, sy, yy = take(self.pairs), take(self.sy), take(self.yy)
+        pairs[at, slot] = _where(keep, s, pairs[at, slot])
+        pairs[at, m + slot] = _where(keep, y, pairs[at, m + slot])
+        dots = torch.bmm(pairs, torch.stack([s, y, g], dim=2))  # (k, 2m, 3): s_j and y_j against s, y and g
+        sy[at, slot] = _where(keep, dots[:, m:, 0], sy[at, slot])  # s_new . y_j
+        sy[at, :, slot] = _where(keep, dots[:, :m, 1], sy[at, :, slot])  # s_j . y_new
+        yy[at, slot] = _where(keep, dots[:, m:, 1], yy[at, slot])
+        yy[at, :, slot] = _where(keep, dots[:, m:, 1], yy[at, :, slot])
+        if rows is not self.rows:  # the copies go back
+            self.pairs[rows, slot], self.pairs[rows, m + slot] = pairs[at, slot], pairs[at, m + slot]
             self.sy[rows], self.yy[rows] = sy, yy
         pos = torch.where(keep, (slot + 1) % m, slot)
         count = torch.where(keep, (take(self.count) + 1).clamp(max=m), take(self.count))
         h_diag = torch.where(keep, ys / (y * y).sum(1), take(self.h_diag))
         h_diag = torch.where(fresh, torch.ones_like(h_diag), h_diag)
-        self.pos, self.count, self.h_diag = self.pos.index_copy(0, rows, pos), self.count.index_copy(0, rows, count), self.h_diag.index_copy(0, rows, h_diag)
-        return s_hist, y_hist, sy, yy, pos, count, h_diag, fresh
+        if rows is self.rows:
+            self.pos, self.count, self.h_diag = pos, count, h_diag
+        else:
+            self.pos, self.count, self.h_diag = self.pos.index_copy(0, rows, pos), self.count.index_copy(0, rows, count), self.h_diag.index_copy(0, rows, h_diag)
+        return g, pairs, sy, yy, dots[:, :m, 2], dots[:, m:, 2], pos, count, h_diag, fresh
 
-    def _direction(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], s_hist: torch.Tensor, y_hist: torch.Tensor,
-                   sy: torch.Tensor, yy: torch.Tensor, pos: torch.Tensor, count: torch.Tensor, h_diag: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        """``-H g`` for the stored pairs of the problems ``rows``, from the compact
-        representation of the L-BFGS matrix (Byrd, Nocedal and Schnabel, 1994): with the pairs
-        in order as columns of S and Y, R the upper triangle of S'Y, D its diagonal and
-        H0 = gamma I, ``H g = gamma g + S p - gamma Y u`` where ``R u = S'g`` and
+    def _direction(self, take: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, pairs: torch.Tensor, sy: torch.Tensor, yy: torch.Tensor,
+                   s_g: torch.Tensor, y_g: torch.Tensor, pos: torch.Tensor, count: torch.Tensor, h_diag: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """``-H g`` for the stored pairs, from the compact representation of the L-BFGS matrix
+        (Byrd, Nocedal and Schnabel, 1994): with the pairs in order as columns of S and Y,
+        R the upper triangle of S'Y, D its diagonal and H0 = gamma I,
+        ``H g = gamma g + S p - gamma Y u`` where ``R u = S'g`` and
         ``R' p = (D + gamma Y'Y) u - gamma Y'g``: the two-loop recursion's direction in a few
         batched products instead of a loop over the history. ``-g`` for a trial's first iteration."""
-        m, g = self.history_size, take(self.g)
+        m = self.history_size
         order = (pos[:, None] - count[:, None] + torch.arange(m, device=g.device)) % m  # slots, oldest first
         valid = torch.arange(m, device=g.device) < count[:, None]
         grid = valid[:, :, None] & valid[:, None, :]
@@ -231,15 +238,14 @@ class BatchedLBFGS:
         r = torch.where(grid, sy.triu(), torch.eye(m, dtype=g.dtype, device=g.device).expand_as(sy))
         none = torch.zeros_like(valid, dtype=g.dtype)
         diag = torch.where(valid, torch.diagonal(sy, dim1=1, dim2=2), none)
-        s_g = torch.where(valid, torch.bmm(s_hist, g[:, :, None])[..., 0].gather(1, order), none)[:, :, None]
-        y_g = torch.where(valid, torch.bmm(y_hist, g[:, :, None])[..., 0].gather(1, order), none)[:, :, None]
+        s_g = torch.where(valid, s_g.gather(1, order), none)[:, :, None]
+        y_g = torch.where(valid, y_g.gather(1, order), none)[:, :, None]
         u = torch.linalg.solve_triangular(r, s_g, upper=True)
         gamma = h_diag[:, None, None]
         w = diag[:, :, None] * u + gamma * torch.bmm(torch.where(grid, yy, torch.zeros_like(yy)), u) - gamma * y_g
         p = torch.linalg.solve_triangular(r.transpose(1, 2), torch.where(valid[:, :, None], w, torch.zeros_like(w)), upper=False)
-        p_slots = torch.zeros_like(p).scatter(1, order[:, :, None], p)  # back to the slots' order
-        u_slots = torch.zeros_like(u).scatter(1, order[:, :, None], u)
-        hg = gamma[:, :, 0] * g + torch.bmm(s_hist.transpose(1, 2), p_slots)[..., 0] - gamma[:, :, 0] * torch.bmm(y_hist.transpose(1, 2), u_slots)[..., 0]
+        weights = torch.cat([torch.zeros_like(p).scatter(1, order[:, :, None], p), torch.zeros_like(u).scatter(1, order[:, :, None], -gamma * u)], dim=1)
+        hg = gamma[:, :, 0] * g + torch.bmm(pairs.transpose(1, 2), weights)[..., 0]  # S p - gamma Y u in one pass
         return _where(fresh, -g, -hg)
 
     def round(self, z: torch.Tensor, evaluate: Evaluate, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
