@@ -35,7 +35,7 @@ def _sequential(nets, grads, config, **kw):
 
 
 def test_adam_matches_the_sequential_engine(faces):
-    x, y, nets, grads = faces
+    _, _, nets, grads = faces
     config = attacks.AttackConfig(optimizer="adam", lr=0.1, iterations=25, tol=None, tv=1e-3)
     sequential = _sequential(nets, grads, config)
     together = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2])
@@ -77,7 +77,7 @@ def test_shared_model_known_labels_and_joint_labels(faces):
 
 
 def test_stopping_and_restarts_are_per_problem(faces):
-    x, y, nets, grads = faces
+    _, y, nets, grads = faces
     config = attacks.AttackConfig(iterations=4, restarts=3, tol=None, patience=None, restart_policy="always")
     every_step = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2], check_every=1)
     seldom = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2], check_every=3)
@@ -115,7 +115,7 @@ def test_a_diverging_problem_does_not_poison_the_others(faces):
 
 
 def test_bad_inputs_are_explained(faces):
-    x, y, nets, grads = faces
+    _, y, nets, grads = faces
     config = attacks.RECOMMENDED.with_(iterations=2)
     with pytest.raises(ValueError, match="models has 2 model.*targets has 3"):
         reconstruct_many(nets[:2], grads, SHAPE, config)
@@ -145,7 +145,7 @@ def test_bad_inputs_are_explained(faces):
 
 
 def test_history_matches_the_sequential_schedule(faces):
-    x, y, nets, grads = faces
+    _, y, nets, grads = faces
     config = attacks.AttackConfig(iterations=12, tol=None, patience=None)
     result = reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=y[:2].view(2, 1), history_every=5)[0]
     assert result.history_iters == [0, 5, 10, 12] and len(result.history) == 4

@@ -42,9 +42,8 @@ from dlgkit.federated import soft_cross_entropy
 
 __all__ = ["reconstruct_many", "BatchedAdam", "BatchedLBFGS"]
 
-#: ``evaluate(mask, z) -> (gradient (P, D), objective (P,), distance (P,))`` at the rows of ``z``
-#: where ``mask`` is True (the other rows of the results are NaN).
-Evaluate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# The optimisers call ``evaluate(mask, z) -> (gradient (P, D), objective (P,), distance (P,))``:
+# the values at the rows of ``z`` where ``mask`` is True (the other rows of the results are NaN).
 
 _RUNNING, _CONVERGED, _STALLED, _DIVERGED, _BUDGET = 0, 1, 2, 3, 4
 _STATUS = {_CONVERGED: "converged", _STALLED: "stalled", _DIVERGED: "diverged", _BUDGET: "budget"}
@@ -67,7 +66,7 @@ class BatchedAdam:
         self.m, self.v = torch.zeros_like(z), torch.zeros_like(z)
         self.steps = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
 
-    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Evaluate) -> None:
+    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Forget the state of the problems in ``rows`` (a bool mask): a fresh start."""
         self.m, self.v = _where(rows, torch.zeros_like(self.m), self.m), _where(rows, torch.zeros_like(self.v), self.v)
         self.steps = torch.where(rows, torch.zeros_like(self.steps), self.steps)
@@ -75,7 +74,7 @@ class BatchedAdam:
     def prepare(self, live: torch.Tensor) -> None:
         """Nothing to prepare: every step is one evaluation."""
 
-    def round(self, z: torch.Tensor, evaluate: Evaluate, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def round(self, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of the problems where ``live``; returns the new ``z``, which problems ended
         a step (all live ones) and each problem's distance at the point its step started from
         (as the sequential engine reports Adam)."""
@@ -145,7 +144,7 @@ class BatchedLBFGS:
         self.f, self.f_start, self.dist = (z.new_zeros(p, dtype=torch.float64) for _ in range(3))
         self.tries, self.evals, self.inner = (torch.zeros_like(self.count) for _ in range(3))
 
-    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Evaluate) -> None:
+    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Forget the history of the problems in ``rows`` (a bool mask) and evaluate their start."""
         zero = torch.zeros_like(self.count)
         self.count, self.pos = torch.where(rows, zero, self.count), torch.where(rows, zero, self.pos)
@@ -154,7 +153,7 @@ class BatchedLBFGS:
         self.searching, self.idle, self.turn = self.searching & ~rows, self.idle & ~rows, self.turn & ~rows
         self.refresh(rows, z, evaluate)
 
-    def refresh(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Evaluate) -> None:
+    def refresh(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Evaluate the problems in ``rows`` at ``z`` (after a start or a projection)."""
         g, f, dist = evaluate(rows, z)
         self.g, self.f, self.dist = _where(rows, g, self.g), torch.where(rows, f, self.f), torch.where(rows, dist, self.dist)
@@ -248,7 +247,7 @@ class BatchedLBFGS:
         hg = gamma[:, :, 0] * g + torch.bmm(pairs.transpose(1, 2), weights)[..., 0]  # S p - gamma Y u in one pass
         return _where(fresh, -g, -hg)
 
-    def round(self, z: torch.Tensor, evaluate: Evaluate, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def round(self, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Evaluate every live problem's trial point at once and move on: returns the new
         ``z``, which problems ended a step, and each problem's distance where it stands."""
         asked = live & self.searching
@@ -480,7 +479,6 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
     tols = [engine.absolute_tol(config, target, n) for target in targets]
     tol = torch.tensor([-math.inf if t is None else t for t in tols], dtype=torch.float64, device=device)
     numel = math.prod(shape)
-    width = numel + (n * num_classes if joint else 0)
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
     def draw(i: int) -> torch.Tensor:  # the draws of dlgkit.attacks.image._image_problem, in order
