@@ -270,6 +270,33 @@ def _image_problem(model: nn.Module, target: list[torch.Tensor], shape: tuple[in
     )
 
 
+def _checked_inputs(model: nn.Module, target_gradients: Sequence[torch.Tensor], shape: Sequence[int], observe: Observe | None,
+                    num_classes: int | None, name: str = "target_gradients") -> tuple[list[torch.Tensor], tuple[int, int, int, int], int]:
+    """The checks of one attack's inputs (shared by :func:`reconstruct` and
+    :func:`dlgkit.attacks.vectorised.reconstruct_many`): the target (finite, not all zero,
+    matching the model), the shape (cross-checked against the gradient's rank) and the number of
+    classes. Returns them checked."""
+    target = engine.check_target(name, target_gradients)
+    if not any(bool(t.any()) for t in target):
+        raise ValueError(f"{name} is all zero (fully pruned, e.g. Defence('prune', 1.0)?): it carries no information about the input, so there is nothing to attack.")
+    shape = _check_shape(shape)
+    if observe is None:
+        target = check_gradients(model, target, name=name)
+        _check_batch_size(model, target, shape[0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True); there is no gradient to match.")
+    warn_if_non_smooth(model)
+    if num_classes is None:
+        num_classes = int(getattr(model, "num_classes", 0) or 0) or None
+    if num_classes is None:
+        raise ValueError("num_classes is needed: the model has no num_classes attribute.")
+    num_classes = check_positive_int("num_classes", num_classes)
+    if observe is None:
+        _check_num_classes(model, target, num_classes)
+    return target, shape, num_classes
+
+
 def reconstruct(
     model: nn.Module,
     target_gradients: Sequence[torch.Tensor],
@@ -313,25 +340,8 @@ def reconstruct(
         raise TypeError(f"config must be a dlgkit.attacks.AttackConfig (e.g. attacks.RECOMMENDED.with_(iterations=100)), got {type(config).__name__}.")
     if observe is not None and not callable(observe):
         raise TypeError(f"observe must be a function (model, x, y) -> list of tensors, got {type(observe).__name__}.")
-    target = engine.check_target("target_gradients", target_gradients)
-    if not any(bool(t.any()) for t in target):
-        raise ValueError("target_gradients is all zero (fully pruned, e.g. Defence('prune', 1.0)?): it carries no information about the input, so there is nothing to attack.")
-    shape = _check_shape(shape)
-    if observe is None:
-        target = check_gradients(model, target, name="target_gradients")
-        _check_batch_size(model, target, shape[0])
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True); there is no gradient to match.")
-    warn_if_non_smooth(model)
-    if num_classes is None:
-        num_classes = int(getattr(model, "num_classes", 0) or 0) or None
-    if num_classes is None:
-        raise ValueError("num_classes is needed: the model has no num_classes attribute.")
-    num_classes = check_positive_int("num_classes", num_classes)
-    if observe is None:
-        _check_num_classes(model, target, num_classes)
-    device = params[0].device
+    target, shape, num_classes = _checked_inputs(model, target_gradients, shape, observe, num_classes)
+    device = next(p for p in model.parameters() if p.requires_grad).device
     with engine.caller_model_untouched(model):
         mode, known = _resolve_labels(model, target, labels, config, num_classes, shape)
         target = [t.to(device) for t in target]

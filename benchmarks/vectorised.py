@@ -1,0 +1,132 @@
+"""Benchmark: the single-image table solved one image at a time and all at once.
+
+For the first ``--n`` LFW faces (32x32, grey) and ``--n`` random 32x32 crops of scikit-image's
+colour photos, each on its own freshly initialised LeNet (seed = index), the recommended
+attack (:data:`dlgkit.attacks.RECOMMENDED`) runs twice in the same process: sequentially
+(``attacks.reconstruct`` in a loop) and vectorised (one ``attacks.vectorised.reconstruct_many``
+call per set). The order alternates (faces: sequential first; crops: vectorised first) so that
+a change of the machine's load during the run does not favour one path. Reported: total wall
+time per path, success rate (PSNR >= 30 dB), median and mean PSNR, label accuracy, median
+iterations, the thread count and the load average before and after.
+
+Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vectorised.md``);
+``--threads 1,2`` repeats the faces at each thread count (the thread policy);
+``DLGKIT_DEVICE=cuda python benchmarks/vectorised.py --quick`` on a GPU (4 images per set, 40
+iterations; writes ``vectorised_quick.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_table  # noqa: E402
+
+from dlgkit import attacks, budget, data, federated, models  # noqa: E402
+from dlgkit.attacks.vectorised import reconstruct_many  # noqa: E402
+from dlgkit.checks import SUCCESS_PSNR  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def problems(x: torch.Tensor, y: torch.Tensor, num_classes: int, device: torch.device) -> tuple[list, list]:
+    """One freshly initialised LeNet per image (seed = index) on ``device``, and its gradient."""
+    nets = [models.LeNet(channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1], seed=i).to(device) for i in range(len(x))]
+    grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(nets)]
+    return nets, grads
+
+
+def solve(path: str, nets: list, grads: list, x: torch.Tensor, config: attacks.AttackConfig, device: torch.device) -> dict:
+    """Run one path on one set; the metrics and the wall time of the whole set."""
+    shape = (1, *x.shape[1:])
+    _sync(device)
+    start = time.perf_counter()
+    if path == "sequential":
+        results = [attacks.reconstruct(net, g, shape, config, seed=i, progress=False, history_every=None) for i, (net, g) in enumerate(zip(nets, grads))]
+    else:
+        results = reconstruct_many(nets, grads, shape, config, seeds=list(range(len(nets))), progress=False, history_every=None)
+    _sync(device)
+    wall = time.perf_counter() - start
+    return {"wall": wall, "results": results}
+
+
+def summary(results: list, x: torch.Tensor, y: torch.Tensor) -> dict:
+    reports = [r.report(x[i : i + 1], y[i : i + 1]) for i, r in enumerate(results)]
+    psnrs = [r.psnr for r in reports]
+    return {
+        "success": sum(r.success for r in reports) / len(reports),
+        "median_psnr": statistics.median(psnrs),
+        "mean_psnr": statistics.mean(psnrs),
+        "label_acc": statistics.mean(r.label_accuracy for r in reports),
+        "median_iters": statistics.median(r.iterations for r in reports),
+        "restarts": sum(len(r.restart_losses) - 1 for r in results),
+    }
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20, help="images per set (default 20)")
+    parser.add_argument("--quick", action="store_true", help="4 images per set and 40 iterations (about 90 s on one GPU)")
+    parser.add_argument("--threads", default="1", help="comma-separated torch thread counts; the faces are repeated at each after the first")
+    args = parser.parse_args()
+    device = budget.default_device()
+    budget.seed_everything(0)  # full float32 precision on a GPU (no TF32)
+    n = 4 if args.quick else args.n
+    config = attacks.RECOMMENDED.with_(iterations=40) if args.quick else attacks.RECOMMENDED
+    threads = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(threads[0])
+    num_classes = 100
+    faces, face_labels = data.lfw_faces(n, size=32, num_classes=num_classes)
+    crops, crop_labels = data.photo_crops(n, size=32, num_classes=num_classes)
+    sets = [("LFW faces (grey)", faces, face_labels, ("sequential", "vectorised")), ("photo crops (colour)", crops, crop_labels, ("vectorised", "sequential"))]
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"# sequential vs vectorised: {n} images per set, LeNet 32x32, {device} ({card}), {torch.get_num_threads()} thread(s), load {load()}")
+    lines = [f"| set | path | threads | total wall time (s) | speed-up | success (PSNR >= {SUCCESS_PSNR:.0f} dB) | median PSNR (dB) | mean PSNR (dB) | label accuracy | median iterations | restarts used |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines))
+    loads = [load()]
+    total = {"sequential": 0.0, "vectorised": 0.0}
+    start = time.perf_counter()
+    runs = [(name, x, y, order, threads[0]) for name, x, y, order in sets] + [(sets[0][0], faces, face_labels, sets[0][3], t) for t in threads[1:]]
+    for name, x, y, order, count in runs:
+        torch.set_num_threads(count)
+        nets, grads = problems(x.to(device), y.to(device), num_classes, device)
+        timed = {path: solve(path, nets, grads, x.to(device), config, device) for path in order}
+        for path in ("sequential", "vectorised"):
+            s = summary(timed[path]["results"], x, y)
+            wall = timed[path]["wall"]
+            if count == threads[0]:
+                total[path] += wall
+            speed = timed["sequential"]["wall"] / wall
+            lines.append(f"| {name} | {path} | {count} | {wall:.1f} | {speed:.2f}x | {s['success']:.0%} | {s['median_psnr']:.1f} | {s['mean_psnr']:.1f} | "
+                         f"{s['label_acc']:.0%} | {s['median_iters']:.0f} | {s['restarts']} |")
+            print(lines[-1], flush=True)
+        loads.append(load())
+    torch.set_num_threads(threads[0])
+    lines.append(f"| both sets | sequential | {threads[0]} | {total['sequential']:.1f} | 1.00x | | | | | | |")
+    lines.append(f"| both sets | vectorised | {threads[0]} | {total['vectorised']:.1f} | {total['sequential'] / total['vectorised']:.2f}x | | | | | | |")
+    print("\n".join(lines[-2:]))
+    note = (f"{n} images per set, attack `RECOMMENDED{'.with_(iterations=40)' if args.quick else ''}`, device {device} ({card}), "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Load average (1, 5, 15 min) before the run and after each set: "
+            f"{' / '.join(loads)} (`uptime`; the machine's cores are shared). {time.perf_counter() - start:.0f} s in all.")
+    path = write_table("vectorised_quick" if args.quick else "vectorised", "Image attacks: sequential against vectorised (single-image table)", lines, note)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

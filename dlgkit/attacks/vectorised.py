@@ -1,0 +1,591 @@
+"""Many image attacks at once: P independent gradient-matching problems solved as one.
+
+The chapters and benchmarks attack many images one after another (20 faces, random starts,
+sweep points, clients). Each attack is a few small tensor operations per step, so the time
+goes to Python and to launching kernels, once per problem. :func:`reconstruct_many` stacks the
+P dummies into one tensor and computes every problem's objective and its gradient in one call
+(``torch.func.vmap`` over ``torch.func.grad_and_value``, with the inner gradient, the one the
+server sees, taken by ``torch.func.grad`` on ``torch.func.functional_call``). Problems may use
+one shared model or one model each (same architecture, different weights: the weights are
+stacked). Every problem keeps its own optimiser state, stopping rule and restarts; a problem
+that stops is frozen (its entries are left alone by masks) while the others go on, so a NaN in
+one problem never reaches another.
+
+The results are the same :class:`~dlgkit.attacks.image.AttackResult` objects as
+:func:`~dlgkit.attacks.image.reconstruct`'s, one per problem. With Adam the per-problem
+arithmetic is the sequential one (Adam acts element by element); L-BFGS is
+:class:`BatchedLBFGS`, which differs from ``torch.optim.LBFGS`` in its line search (see there).
+
+Defined in :doc:`/book/02_single_image_dlg`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from dlgkit.attacks import engine
+from dlgkit.attacks.engine import DISTANCES, RECOMMENDED, RESTART_POLICIES, AttackConfig
+from dlgkit.attacks.image import AttackResult, _checked_inputs, _resolve_labels, total_variation
+from dlgkit.budget import progress_enabled
+from dlgkit.checks import check_positive_int, check_seed
+from dlgkit.federated import soft_cross_entropy
+
+__all__ = ["reconstruct_many", "BatchedAdam", "BatchedLBFGS"]
+
+# The optimisers call ``evaluate(mask, z) -> (gradient (P, D), objective (P,), distance (P,))``:
+# the values at the rows of ``z`` where ``mask`` is True (the other rows of the results are NaN).
+
+_RUNNING, _CONVERGED, _STALLED, _DIVERGED, _BUDGET = 0, 1, 2, 3, 4
+_STATUS = {_CONVERGED: "converged", _STALLED: "stalled", _DIVERGED: "diverged", _BUDGET: "budget"}
+
+
+def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` in the rows where ``mask`` (P,) is True, ``old`` elsewhere."""
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+class BatchedAdam:
+    """Adam (Kingma and Ba, 2015; PyTorch's defaults: betas 0.9 and 0.999, eps 1e-8) on a
+    stack of P problems, each with its own moments and step count, so that a problem restarted
+    later starts afresh. Adam acts element by element: for one problem it is
+    ``torch.optim.Adam``'s update. One :meth:`round` is one step of every live problem.
+    Defined in :doc:`/book/02_single_image_dlg`."""
+
+    def __init__(self, z: torch.Tensor, lr: float) -> None:
+        self.lr, self.betas, self.eps = lr, (0.9, 0.999), 1e-8
+        self.m, self.v = torch.zeros_like(z), torch.zeros_like(z)
+        self.steps = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+
+    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Forget the state of the problems in ``rows`` (a bool mask): a fresh start."""
+        self.m, self.v = _where(rows, torch.zeros_like(self.m), self.m), _where(rows, torch.zeros_like(self.v), self.v)
+        self.steps = torch.where(rows, torch.zeros_like(self.steps), self.steps)
+
+    def prepare(self, live: torch.Tensor) -> None:
+        """Nothing to prepare: every step is one evaluation."""
+
+    def round(self, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of the problems where ``live``; returns the new ``z``, which problems ended
+        a step (all live ones) and each problem's distance at the point its step started from
+        (as the sequential engine reports Adam)."""
+        g, _, dist = evaluate(live, z)
+        b1, b2 = self.betas
+        self.steps = self.steps + live.to(self.steps.dtype)
+        m = self.m.lerp(g, 1 - b1)
+        v = self.v * b2 + (1 - b2) * g * g
+        shape = (-1, *([1] * (z.dim() - 1)))
+        correction1 = (1 - b1**self.steps).clamp(min=1e-300).to(z.dtype).view(shape)
+        correction2 = (1 - b2**self.steps).clamp(min=1e-300).sqrt().to(z.dtype).view(shape)
+        new = z - (self.lr / correction1) * m / (v.sqrt() / correction2 + self.eps)
+        self.m, self.v = _where(live, m, self.m), _where(live, v, self.v)
+        return _where(live, new, z), live, dist
+
+
+class BatchedLBFGS:
+    """L-BFGS on a stack of P problems, each with its own history, step and line search.
+
+    Per problem it follows ``torch.optim.LBFGS(lr, max_iter=20, history_size=100)``
+    (tolerance_grad 1e-7, tolerance_change 1e-9, max_eval 25): a step runs up to 20 inner
+    iterations, each a direction from the last 100 pairs (s, y) (a pair is kept only when
+    y.s > 1e-10; H0 = y.s / y.y), the first iteration of a trial scaled
+    to min(1, 1/|g|_1) * lr and the others starting at lr; a step ends on PyTorch's conditions
+    (20 iterations, 25 evaluations, a gradient below 1e-7 at its start or after an iteration,
+    no descent direction, a move or a change of the objective below 1e-9). The differences:
+
+    - the line search (``line_search=True``) is a backtracking Armijo search (sufficient
+      decrease with c1 = 1e-4, as in PyTorch), not PyTorch's strong-Wolfe search: it starts at
+      the trial step and shrinks it by safeguarded quadratic interpolation (to between 0.1 and
+      0.5 of the last try), for at most 25 tries; it never extrapolates beyond the trial step
+      and does not test the curvature condition (the y.s > 1e-10 rule keeps the history
+      positive definite). A search that finds no step leaves the problem where it was and ends
+      its step (PyTorch would take the best point of its bracket);
+    - a direction whose slope is NaN ends the step (PyTorch goes on);
+    - the objective and gradient where a step ends are reused where the next one starts
+      (PyTorch evaluates the closure again at the same point: same numbers, one evaluation
+      fewer), and without a line search every iteration evaluates its new point.
+
+    The problems advance in *rounds*: in each, every live problem evaluates its next trial
+    point (all in one batched call), so problems at different stages of their steps and line
+    searches share every evaluation. A round reads one index set (which problems evaluate) from
+    the device: one host sync per round for all P problems.
+    Defined in :doc:`/book/02_single_image_dlg`.
+    """
+
+    max_iter, max_eval, history_size, max_ls = 20, 25, 100, 25
+    tolerance_grad, tolerance_change, c1 = 1e-7, 1e-9, 1e-4
+
+    def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
+        p, d = z.shape
+        self.lr, self.line_search = lr, line_search
+        self.rows = torch.arange(p, device=z.device)
+        # the pairs in ring buffers: pairs[:, j] is s and pairs[:, m + j] is y of slot j; sy[j, k] =
+        # s_j . y_k and yy[j, k] = y_j . y_k (one pass over the history per product, see _store_pair)
+        self.pairs = z.new_zeros((p, 2 * self.history_size, d))
+        self.sy, self.yy = z.new_zeros((p, self.history_size, self.history_size)), z.new_zeros((p, self.history_size, self.history_size))
+        self.count = torch.zeros(p, dtype=torch.long, device=z.device)
+        self.pos = torch.zeros_like(self.count)
+        self.h_diag = z.new_ones(p)
+        flag = torch.zeros(p, dtype=torch.bool, device=z.device)
+        # fresh: the next direction is a trial's first; ended: a step just ended; searching: a
+        # trial point waits for the next round; idle: the step ends next round without evaluation
+        self.fresh, self.ended, self.searching, self.idle, self.turn = flag | True, flag.clone(), flag.clone(), flag.clone(), flag.clone()
+        self.d, self.prev_g, self.g = z.new_zeros((p, d)), z.new_zeros((p, d)), z.new_zeros((p, d))
+        self.t, self.slope = z.new_zeros(p), z.new_zeros(p, dtype=torch.float64)
+        self.f, self.f_start, self.dist = (z.new_zeros(p, dtype=torch.float64) for _ in range(3))
+        self.tries, self.evals, self.inner = (torch.zeros_like(self.count) for _ in range(3))
+
+    def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Forget the history of the problems in ``rows`` (a bool mask) and evaluate their start."""
+        zero = torch.zeros_like(self.count)
+        self.count, self.pos = torch.where(rows, zero, self.count), torch.where(rows, zero, self.pos)
+        self.h_diag = torch.where(rows, torch.ones_like(self.h_diag), self.h_diag)
+        self.fresh, self.ended = self.fresh | rows, self.ended | rows
+        self.searching, self.idle, self.turn = self.searching & ~rows, self.idle & ~rows, self.turn & ~rows
+        self.refresh(rows, z, evaluate)
+
+    def refresh(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Evaluate the problems in ``rows`` at ``z`` (after a start or a projection)."""
+        g, f, dist = evaluate(rows, z)
+        self.g, self.f, self.dist = _where(rows, g, self.g), torch.where(rows, f, self.f), torch.where(rows, dist, self.dist)
+
+    def prepare(self, live: torch.Tensor) -> None:
+        """Start a step for the live problems whose step ended, and the next inner iteration
+        (a direction and a trial step) for those that go on."""
+        start = live & self.ended
+        zero = torch.zeros_like(self.evals)
+        self.evals, self.inner = torch.where(start, zero, self.evals), torch.where(start, zero, self.inner)
+        optimal = self.g.abs().amax(1) <= self.tolerance_grad
+        self.idle = self.idle | (start & optimal)
+        turn = live & (self.turn | (start & ~optimal))
+        self.ended, self.turn = self.ended & ~live, self.turn & ~live
+        rows = turn.nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        if 2 * rows.numel() > turn.numel():  # most problems turn: work on all, masked
+            rows, take, chosen = self.rows, (lambda t: t), turn
+        else:  # a few: work on copies of their rows
+            take, chosen = (lambda t: t.index_select(0, rows)), torch.ones_like(rows, dtype=torch.bool)
+        history = self._store_pair(rows, take, chosen)
+        d = self._direction(take, *history)
+        self.d = _where(turn, d, self.d) if rows is self.rows else self.d.index_copy(0, rows, d)
+        self.prev_g, self.f_start = _where(turn, self.g, self.prev_g), torch.where(turn, self.f, self.f_start)
+        first_t = (1 / self.g.abs().sum(1)).clamp(max=1.0) * self.lr
+        self.t = torch.where(turn, torch.where(self.fresh, first_t, torch.full_like(self.t, self.lr)), self.t)
+        self.fresh = self.fresh & ~turn
+        self.slope = torch.where(turn, (self.g * self.d).sum(1).to(self.slope.dtype), self.slope)
+        descent = self.slope <= -self.tolerance_change
+        self.idle = self.idle | (turn & ~descent)
+        self.searching = self.searching | (turn & descent)
+        self.tries = torch.where(turn, torch.zeros_like(self.tries), self.tries)
+
+    def _store_pair(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], chosen: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keep the last iteration's pair (s, y) of the problems ``rows`` (where ``chosen``) if
+        y.s > 1e-10, with its inner products with the stored pairs; returns what
+        :meth:`_direction` needs. One batched product reads the history once."""
+        m, k = self.history_size, rows.numel()
+        g = take(self.g)
+        y, s = g - take(self.prev_g), take(self.d) * take(self.t)[:, None]
+        ys = (y * s).sum(1)
+        fresh = take(self.fresh)
+        keep = chosen & ~fresh & (ys > 1e-10)
+        slot, at = take(self.pos), torch.arange(k, device=rows.device)
+        pairs, sy, yy = take(self.pairs), take(self.sy), take(self.yy)
+        pairs[at, slot] = _where(keep, s, pairs[at, slot])
+        pairs[at, m + slot] = _where(keep, y, pairs[at, m + slot])
+        dots = torch.bmm(pairs, torch.stack([s, y, g], dim=2))  # (k, 2m, 3): s_j and y_j against s, y and g
+        sy[at, slot] = _where(keep, dots[:, m:, 0], sy[at, slot])  # s_new . y_j
+        sy[at, :, slot] = _where(keep, dots[:, :m, 1], sy[at, :, slot])  # s_j . y_new
+        yy[at, slot] = _where(keep, dots[:, m:, 1], yy[at, slot])
+        yy[at, :, slot] = _where(keep, dots[:, m:, 1], yy[at, :, slot])
+        if rows is not self.rows:  # the copies go back
+            self.pairs[rows, slot], self.pairs[rows, m + slot] = pairs[at, slot], pairs[at, m + slot]
+            self.sy[rows], self.yy[rows] = sy, yy
+        pos = torch.where(keep, (slot + 1) % m, slot)
+        count = torch.where(keep, (take(self.count) + 1).clamp(max=m), take(self.count))
+        h_diag = torch.where(keep, ys / (y * y).sum(1), take(self.h_diag))
+        h_diag = torch.where(fresh, torch.ones_like(h_diag), h_diag)
+        if rows is self.rows:
+            self.pos, self.count, self.h_diag = pos, count, h_diag
+        else:
+            self.pos, self.count, self.h_diag = self.pos.index_copy(0, rows, pos), self.count.index_copy(0, rows, count), self.h_diag.index_copy(0, rows, h_diag)
+        return g, pairs, sy, yy, dots[:, :m, 2], dots[:, m:, 2], pos, count, h_diag, fresh
+
+    def _direction(self, take: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, pairs: torch.Tensor, sy: torch.Tensor, yy: torch.Tensor,
+                   s_g: torch.Tensor, y_g: torch.Tensor, pos: torch.Tensor, count: torch.Tensor, h_diag: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """``-H g`` for the stored pairs, from the compact representation of the L-BFGS matrix
+        (Byrd, Nocedal and Schnabel, 1994): with the pairs in order as columns of S and Y,
+        R the upper triangle of S'Y, D its diagonal and H0 = gamma I,
+        ``H g = gamma g + S p - gamma Y u`` where ``R u = S'g`` and
+        ``R' p = (D + gamma Y'Y) u - gamma Y'g``: the two-loop recursion's direction in a few
+        batched products instead of a loop over the history. ``-g`` for a trial's first iteration."""
+        m = self.history_size
+        order = (pos[:, None] - count[:, None] + torch.arange(m, device=g.device)) % m  # slots, oldest first
+        valid = torch.arange(m, device=g.device) < count[:, None]
+        grid = valid[:, :, None] & valid[:, None, :]
+        sy = sy.gather(1, order[:, :, None].expand(-1, -1, m)).gather(2, order[:, None, :].expand(-1, m, -1))
+        yy = yy.gather(1, order[:, :, None].expand(-1, -1, m)).gather(2, order[:, None, :].expand(-1, m, -1))
+        r = torch.where(grid, sy.triu(), torch.eye(m, dtype=g.dtype, device=g.device).expand_as(sy))
+        none = torch.zeros_like(valid, dtype=g.dtype)
+        diag = torch.where(valid, torch.diagonal(sy, dim1=1, dim2=2), none)
+        s_g = torch.where(valid, s_g.gather(1, order), none)[:, :, None]
+        y_g = torch.where(valid, y_g.gather(1, order), none)[:, :, None]
+        u = torch.linalg.solve_triangular(r, s_g, upper=True)
+        gamma = h_diag[:, None, None]
+        w = diag[:, :, None] * u + gamma * torch.bmm(torch.where(grid, yy, torch.zeros_like(yy)), u) - gamma * y_g
+        p = torch.linalg.solve_triangular(r.transpose(1, 2), torch.where(valid[:, :, None], w, torch.zeros_like(w)), upper=False)
+        weights = torch.cat([torch.zeros_like(p).scatter(1, order[:, :, None], p), torch.zeros_like(u).scatter(1, order[:, :, None], -gamma * u)], dim=1)
+        hg = gamma[:, :, 0] * g + torch.bmm(pairs.transpose(1, 2), weights)[..., 0]  # S p - gamma Y u in one pass
+        return _where(fresh, -g, -hg)
+
+    def round(self, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evaluate every live problem's trial point at once and move on: returns the new
+        ``z``, which problems ended a step, and each problem's distance where it stands."""
+        asked = live & self.searching
+        candidate = z + self.t[:, None] * self.d
+        g, f, dist = evaluate(asked, candidate)
+        self.tries, self.evals = self.tries + asked.long(), self.evals + asked.long()
+        t64 = self.t.to(self.f.dtype)
+        ok = asked & (f <= self.f_start + self.c1 * t64 * self.slope) if self.line_search else asked
+        z, self.g = _where(ok, candidate, z), _where(ok, g, self.g)
+        self.f, self.dist = torch.where(ok, f, self.f), torch.where(ok, dist, self.dist)
+        failed = asked & ~ok & (self.tries >= self.max_ls)
+        retry = asked & ~ok & ~failed
+        if self.line_search:
+            shrink = -self.slope * t64**2 / (2 * (f - self.f_start - self.slope * t64))
+            shrink = torch.where(torch.isfinite(shrink), shrink, 0.5 * t64)
+            self.t = torch.where(retry, torch.minimum(torch.maximum(shrink, 0.1 * t64), 0.5 * t64).to(self.t.dtype), self.t)
+        self.t = torch.where(failed, torch.zeros_like(self.t), self.t)  # no step found: stay
+        moved = ok | failed
+        self.inner = self.inner + moved.long()
+        small = (self.d * self.t[:, None]).abs().amax(1) <= self.tolerance_change
+        optimal = self.g.abs().amax(1) <= self.tolerance_grad
+        flat = (self.f - self.f_start).abs() < self.tolerance_change
+        stop = failed | (moved & ((self.evals >= self.max_eval) | (self.inner >= self.max_iter) | optimal | small | flat))
+        ended = live & (stop | self.idle)
+        self.ended = self.ended | ended
+        self.turn = self.turn | (moved & ~stop)
+        self.searching = self.searching & ~moved
+        self.idle = self.idle & ~live
+        return z, ended, self.dist
+
+
+_OPTIMIZERS = {"adam": lambda z, config: BatchedAdam(z, config.step_size()), "lbfgs": lambda z, config: BatchedLBFGS(z, config.step_size(), config.line_search)}
+
+
+def _models_list(models: nn.Module | Sequence[nn.Module], count: int) -> list[nn.Module]:
+    if isinstance(models, nn.Module):
+        return [models] * count
+    if not isinstance(models, (list, tuple)) or not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError(f"models must be one torch.nn.Module (shared by every problem) or a list of them (one per problem), got {type(models).__name__}.")
+    if len(models) != count:
+        raise ValueError(f"models has {len(models)} model(s) but targets has {count} problem(s); pass one model per problem, or one model for all.")
+    first = models[0]
+    layout = [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in first.named_parameters()]
+    for i, m in enumerate(models):
+        if type(m) is not type(first) or [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in m.named_parameters()] != layout:
+            raise ValueError(f"models[{i}] differs from models[0] in its class or its parameters (names, shapes, dtype, device); every problem's model must share one architecture (only the weights may differ).")
+    return list(models)
+
+
+def _labels_list(labels: object, count: int) -> list[torch.Tensor | None]:
+    if labels is None:
+        return [None] * count
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() != 2 or labels.shape[0] != count:
+            raise ValueError(f"labels must be None or one row of class indices per problem, shape ({count}, N), got shape {tuple(labels.shape)}.")
+        return list(labels)
+    if not isinstance(labels, (list, tuple)) or len(labels) != count:
+        raise ValueError(f"labels must be None, a ({count}, N) tensor or a list of {count} tensors (one per problem), got {type(labels).__name__} of length {len(labels) if isinstance(labels, (list, tuple)) else '-'}.")
+    return list(labels)
+
+
+def _seeds_list(seeds: int | Sequence[int], count: int) -> list[int]:
+    if isinstance(seeds, (list, tuple)):
+        if len(seeds) != count:
+            raise ValueError(f"seeds has {len(seeds)} entries but targets has {count} problem(s); pass one seed per problem, or one int for all.")
+        return [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+    return [check_seed("seeds", seeds)] * count
+
+
+@dataclass
+class _Stack:
+    """The P problems as stacked tensors, and the batched objective over any subset of them."""
+
+    template: nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    shared: bool
+    target: list[torch.Tensor]
+    labels: torch.Tensor
+    shape: tuple[int, int, int, int]
+    num_classes: int
+    joint: bool
+    config: AttackConfig
+
+    def __post_init__(self) -> None:
+        names = [n for n, p in self.template.named_parameters() if p.requires_grad]
+        n, numel = self.shape[0], math.prod(self.shape)
+        config = self.config
+
+        def objective(z, params, buffers, target, labels):
+            x = z[:numel].view(self.shape)
+            y = F.softmax(z[numel:].view(n, self.num_classes), dim=-1) if self.joint else labels
+
+            def loss(trainable):
+                return soft_cross_entropy(functional_call(self.template, ({**params, **trainable}, buffers), (x,)), y)
+
+            seen = grad(loss)({k: params[k] for k in names})
+            observed, wanted = [seen[k] for k in names], list(target)
+            if config.float64:
+                observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
+            distance = DISTANCES[config.distance](observed, wanted)
+            value = distance + config.tv * total_variation(x) if config.tv > 0 else distance
+            return value, distance
+
+        dims = None if self.shared else 0
+        self.batched = vmap(grad_and_value(objective, has_aux=True), in_dims=(0, dims, dims, 0, 0))
+
+    def evaluate(self, mask: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradient, objective and distance of the problems where ``mask`` is True (at the
+        indices ``rows`` instead when given: a superset of the mask known on the host, which
+        spares the device a sync)."""
+        if rows is None:
+            rows = mask.nonzero().flatten()
+        p = z.shape[0]
+        g = torch.full_like(z, math.nan)
+        value = z.new_full((p,), math.nan, dtype=torch.float64)
+        distance = value.clone()
+        if rows.numel() == 0:
+            return g, value, distance
+        take = (lambda t: t) if rows.numel() == p else (lambda t: t.index_select(0, rows))
+        params = self.params if self.shared else {k: take(v) for k, v in self.params.items()}
+        buffers = self.buffers if self.shared else {k: take(v) for k, v in self.buffers.items()}
+        g_rows, (value_rows, distance_rows) = self.batched(take(z), params, buffers, [take(t) for t in self.target], take(self.labels))
+        g = g.index_copy(0, rows, g_rows)
+        value = value.index_copy(0, rows, value_rows.detach().to(torch.float64))
+        distance = distance.index_copy(0, rows, distance_rows.detach().to(torch.float64))
+        return g.detach(), value, distance
+
+
+def _trial(p: int, z: torch.Tensor, steps: int, code: int, losses: torch.Tensor, snaps: torch.Tensor, every: int | None,
+           numel: int, shape: tuple[int, ...]) -> tuple[engine.Trial, torch.Tensor]:
+    """The trial that problem ``p`` just ended, read from the device (its variables are frozen)."""
+    values = losses[:steps, p].tolist()
+    if code == _DIVERGED:
+        values[-1] = math.inf
+    variables = z[p].detach().cpu().clone()
+    history, iters = [], []
+    if every is not None:
+        last = (steps - 1 if code == _DIVERGED else steps) // every
+        history = [snaps[p, j].cpu().view(shape).clone() for j in range(last + 1)]
+        iters = [j * every for j in range(last + 1)]
+        if code != _DIVERGED and iters[-1] != steps:
+            history.append(variables[:numel].view(shape).clamp(0, 1))
+            iters.append(steps)
+    final = math.inf if code == _DIVERGED else values[-1]
+    return engine.Trial(problem=None, losses=values, history=history, history_iters=iters, status=_STATUS[code], final=final), variables
+
+
+def reconstruct_many(
+    models: nn.Module | Sequence[nn.Module],
+    targets: Sequence[Sequence[torch.Tensor]],
+    shape: Sequence[int],
+    config: AttackConfig = RECOMMENDED,
+    *,
+    labels: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    num_classes: int | None = None,
+    seeds: int | Sequence[int] = 0,
+    history_every: int | None = 10,
+    check_every: int | None = None,
+    progress: bool | None = None,
+) -> list[AttackResult]:
+    """Solve P independent image attacks as one: problem ``i`` is
+    ``reconstruct(models[i], targets[i], shape, config, labels=labels[i], seed=seeds[i])``.
+
+    - ``models``: one model shared by every problem, or a list of P models of one architecture
+      (their weights may differ; they are stacked and called with ``torch.func.functional_call``).
+    - ``targets``: P gradient lists, each checked as :func:`~dlgkit.attacks.image.reconstruct` checks one.
+    - ``shape``: each problem's dummy batch ``(N, C, H, W)``, the same for all.
+    - ``labels``: None (``config.labels`` for every problem), a ``(P, N)`` tensor or a list of P
+      tensors of class indices. ``seeds``: one int for every problem or one per problem; problem
+      ``i`` draws its starts exactly as ``reconstruct(..., seed=seeds[i])`` does.
+    - ``history_every``: snapshots as in ``reconstruct``; ``check_every``: how many steps pass
+      between the reads of the problems' states by the host (to end and restart trials); None is
+      1 on a CPU and 10 on a GPU. It changes only when a finished problem restarts, never a result.
+
+    Each problem keeps its own optimiser state (:class:`BatchedAdam`, :class:`BatchedLBFGS`),
+    stopping rule and restarts, as ``config`` asks. Returns one
+    :class:`~dlgkit.attacks.image.AttackResult` per problem; its ``wall_time`` is the whole run's
+    time divided by P. A custom ``observe`` is not supported here (use ``reconstruct``).
+    Defined in :doc:`/book/02_single_image_dlg`.
+    """
+    if not isinstance(config, AttackConfig):
+        raise TypeError(f"config must be a dlgkit.attacks.AttackConfig (e.g. attacks.RECOMMENDED.with_(iterations=100)), got {type(config).__name__}.")
+    if isinstance(targets, torch.Tensor) or not isinstance(targets, (list, tuple)) or not targets:
+        raise TypeError(f"targets must be a non-empty list of gradient lists (one per problem), got {type(targets).__name__}.")
+    if all(isinstance(t, torch.Tensor) for t in targets):
+        raise TypeError("targets is one gradient list (a list of tensors); reconstruct_many takes a list of them, one per problem: pass [gradients] for one problem.")
+    count = len(targets)
+    model_list = _models_list(models, count)
+    label_list, seed_list = _labels_list(labels, count), _seeds_list(seeds, count)
+    check_positive_int("history_every", history_every, allow_none=True)
+    check_positive_int("check_every", check_every, allow_none=True)
+    checked, modes = [], []
+    for i, (model, target, known) in enumerate(zip(model_list, targets, label_list)):
+        if isinstance(target, torch.Tensor) or not isinstance(target, (list, tuple)):
+            raise TypeError(f"targets[{i}] must be a gradient list (one tensor per model parameter), got {type(target).__name__}.")
+        target, shape, classes = _checked_inputs(model, target, shape, None, num_classes, name=f"targets[{i}]")
+        mode, resolved = _resolve_labels(model, target, known, config, classes, shape)
+        checked.append((target, resolved))
+        modes.append(mode)
+    if len({mode == "joint" for mode in modes}) > 1:
+        raise ValueError("labels mixes known labels and None with config.labels='joint'; give every problem its labels, or none.")
+    num_classes = classes
+    template = model_list[0]
+    device = next(p for p in template.parameters() if p.requires_grad).device
+    dtype = next(p for p in template.parameters() if p.requires_grad).dtype
+    with contextlib.ExitStack() as stack:
+        for model in {id(m): m for m in model_list}.values():
+            stack.enter_context(engine.caller_model_untouched(model))
+        return _solve(model_list, checked, modes[0], shape, num_classes, config, seed_list, history_every, check_every, progress, device, dtype)
+
+
+def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history_every, check_every, progress, device, dtype) -> list[AttackResult]:
+    start_time = time.perf_counter()
+    count, n = len(model_list), shape[0]
+    shared = all(m is model_list[0] for m in model_list)
+    template = model_list[0]
+    if shared:
+        params = {k: v.detach() for k, v in template.named_parameters()}
+        buffers = {k: v.detach() for k, v in template.named_buffers()}
+    else:
+        params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in model_list]) for k, _ in template.named_parameters()}
+        buffers = {k: torch.stack([dict(m.named_buffers())[k].detach() for m in model_list]) for k, _ in template.named_buffers()}
+    targets = [[t.to(device) for t in target] for target, _ in checked]
+    stacked_target = [torch.stack([target[j] for target in targets]) for j in range(len(targets[0]))]
+    joint = mode == "joint"
+    labels = torch.zeros((count, n), dtype=torch.long) if joint else torch.stack([known for _, known in checked])
+    problems = _Stack(template, params, buffers, shared, stacked_target, labels.to(device), shape, num_classes, joint, config)
+    tols = [engine.absolute_tol(config, target, n) for target in targets]
+    tol = torch.tensor([-math.inf if t is None else t for t in tols], dtype=torch.float64, device=device)
+    numel = math.prod(shape)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+    def draw(i: int) -> torch.Tensor:  # the draws of dlgkit.attacks.image._image_problem, in order
+        noise = torch.randn(shape, generator=generators[i]) if config.init == "gaussian" else torch.rand(shape, generator=generators[i])
+        parts = [noise.reshape(-1)]
+        if joint:
+            parts.append(torch.randn((n, num_classes), generator=generators[i]).reshape(-1))
+        return torch.cat(parts).to(device=device, dtype=dtype)
+
+    z = torch.stack([draw(i) for i in range(count)])
+    lbfgs = config.optimizer == "lbfgs"
+    optimiser = _OPTIMIZERS[config.optimizer](z, config)
+    everyone = torch.ones(count, dtype=torch.bool, device=device)
+    optimiser.reset(everyone, z, problems.evaluate)
+    rows = torch.arange(count, device=device)
+    steps = torch.zeros(count, dtype=torch.long, device=device)
+    status = torch.zeros(count, dtype=torch.long, device=device)
+    losses = torch.full((config.iterations, count), math.nan, dtype=torch.float64, device=device)
+    slots = config.iterations // history_every + 1 if history_every is not None else 1
+    snaps = z.new_zeros((count, slots, numel))
+    if history_every is not None:
+        snaps[:, 0] = z[:, :numel].clamp(0, 1)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 10
+    trials: list[list[engine.Trial]] = [[] for _ in range(count)]
+    finals: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    in_trial = set(range(count))
+    in_trial_mask = everyone.clone()
+    in_rows = rows.clone()
+
+    def evaluate(mask: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # L-BFGS's line search picks its rows on the device; Adam evaluates every problem in a trial
+        return problems.evaluate(mask, at, None if lbfgs else in_rows)
+
+    bar = tqdm(total=count, desc=f"DLG x{count}", disable=not progress_enabled(progress), leave=False)
+    optimiser.prepare(everyone)
+    rounds = 0
+    while in_trial:
+        rounds += 1
+        live = in_trial_mask & (status == _RUNNING)
+        z, done, current = optimiser.round(z, evaluate, live)
+        done = done & live  # these problems ended a step: record it and apply the stopping rules
+        if config.clamp:
+            z = torch.cat([_where(done, z[:, :numel].clamp(0, 1), z[:, :numel]), z[:, numel:]], dim=1)
+            if lbfgs:
+                optimiser.refresh(done, z, evaluate)
+                current = optimiser.dist
+        steps = steps + done.long()
+        at = (steps - 1).clamp(min=0)
+        losses[at, rows] = torch.where(done, current, losses[at, rows])
+        finite = torch.isfinite(current)
+        new = torch.where(~finite, _DIVERGED, _RUNNING)
+        if history_every is not None:
+            record = done & finite & (steps % history_every == 0)
+            slot = (steps // history_every).clamp(max=slots - 1)
+            snaps[rows, slot] = _where(record, z[:, :numel].clamp(0, 1), snaps[rows, slot])
+        new = torch.where(finite & (current < tol), _CONVERGED, new)
+        if lbfgs and config.patience is not None:
+            before = losses[(steps - 1 - config.patience).clamp(min=0), rows]
+            stalled = finite & (steps > config.patience) & (current >= before * (1 - 1e-9))
+            new = torch.where((new == _RUNNING) & stalled, _STALLED, new)
+        new = torch.where((new == _RUNNING) & (steps >= config.iterations), _BUDGET, new)
+        status = torch.where(done, new, status)
+        if rounds % check_every == 0:
+            codes = status.tolist()
+            restart = torch.zeros_like(everyone)
+            for i in sorted(in_trial):
+                if codes[i] == _RUNNING:
+                    continue
+                trial, variables = _trial(i, z, int(steps[i]), codes[i], losses, snaps, history_every, numel, shape)
+                trials[i].append(trial)
+                finals[i].append(variables)
+                if len(trials[i]) < config.restarts and RESTART_POLICIES[config.restart_policy](trial, tols[i]):
+                    restart[i] = True
+                    z[i] = draw(i)
+                else:
+                    in_trial.discard(i)
+                    in_trial_mask[i] = False
+                    bar.update(1)
+            if bool(restart.any()):
+                steps = torch.where(restart, torch.zeros_like(steps), steps)
+                status = torch.where(restart, torch.zeros_like(status), status)
+                if history_every is not None:
+                    snaps[:, 0] = _where(restart, z[:, :numel].clamp(0, 1), snaps[:, 0])
+                optimiser.reset(restart, z, evaluate)
+            in_rows = torch.tensor(sorted(in_trial), dtype=torch.long, device=device)
+        optimiser.prepare(in_trial_mask & (status == _RUNNING))
+    bar.close()
+    share = (time.perf_counter() - start_time) / count
+    return [_result(trials[i], finals[i], shape, numel, n, num_classes, mode, checked[i][1], share) for i in range(count)]
+
+
+def _result(trials: list[engine.Trial], finals: list[torch.Tensor], shape: tuple[int, ...], numel: int, n: int, num_classes: int,
+            mode: str, known: torch.Tensor | None, wall_time: float) -> AttackResult:
+    best = 0
+    for i, trial in enumerate(trials):
+        if trial.final < trials[best].final:
+            best = i
+    variables = finals[best]
+    if mode == "joint":
+        probs = F.softmax(variables[numel:].view(n, num_classes), dim=-1)
+        found = probs.argmax(dim=-1)
+    else:
+        probs, found = None, known.cpu()
+    chosen = trials[best]
+    return AttackResult(
+        reconstruction=variables[:numel].view(shape).clone(), labels=found, losses=chosen.losses, history=chosen.history,
+        history_iters=chosen.history_iters, wall_time=wall_time, restart_losses=[t.final for t in trials],
+        statuses=[t.status for t in trials], best_restart=best, label_mode=mode, label_probs=probs,
+    )

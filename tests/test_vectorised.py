@@ -1,0 +1,166 @@
+"""The vectorised engine (``dlgkit.attacks.vectorised.reconstruct_many``) against the sequential
+one: the same problems give the same answers, each problem keeps to itself (stopping,
+restarts, a NaN), bad input is explained, and the CUDA simulator finds no CPU tensor mixed in."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlgkit import attacks, data, federated, models
+from dlgkit.attacks.vectorised import reconstruct_many
+from dlgkit.checks import SUCCESS_PSNR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+import simulated_cuda  # noqa: E402
+
+SHAPE = (1, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """Three faces, each with its own LeNet (different weights) and shared gradient."""
+    x, y = data.lfw_faces(3, size=16, num_classes=10)
+    nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i) for i in range(3)]
+    grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(nets)]
+    return x, y, nets, grads
+
+
+def _sequential(nets, grads, config, **kw):
+    return [attacks.reconstruct(net, g, SHAPE, config, seed=i, progress=False, **kw) for i, (net, g) in enumerate(zip(nets, grads))]
+
+
+def test_adam_matches_the_sequential_engine(faces):
+    _, _, nets, grads = faces
+    config = attacks.AttackConfig(optimizer="adam", lr=0.1, iterations=25, tol=None, tv=1e-3)
+    sequential = _sequential(nets, grads, config)
+    together = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2])
+    for s, v in zip(sequential, together):
+        # Adam acts element by element: the same updates, up to float32 rounding of the batched kernels
+        assert v.iterations == s.iterations == 25
+        assert torch.allclose(v.reconstruction, s.reconstruction, atol=1e-4), (v.reconstruction - s.reconstruction).abs().max()
+        assert v.losses == pytest.approx(s.losses, rel=1e-3)
+        assert v.history_iters == s.history_iters and len(v.history) == len(s.history)
+    one = reconstruct_many(nets[:1], grads[:1], SHAPE, config, seeds=[0])[0]
+    assert torch.allclose(one.reconstruction, together[0].reconstruction, atol=1e-6)
+
+
+def test_lbfgs_agrees_with_the_sequential_engine(faces):
+    x, y, nets, grads = faces
+    config = attacks.RECOMMENDED.with_(iterations=40)
+    sequential = _sequential(nets, grads, config)
+    together = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2])
+    for i, (s, v) in enumerate(zip(sequential, together)):
+        rs, rv = s.report(x[i : i + 1], y[i : i + 1]), v.report(x[i : i + 1], y[i : i + 1])
+        assert rs.success and rv.success, (rs, rv)
+        assert rv.label_accuracy == 1.0 and torch.equal(v.labels, s.labels)
+        # both stop at the same threshold; above 30 dB the PSNR only says how far below it they landed
+        tol = attacks.engine.absolute_tol(config, grads[i], 1)
+        assert rv.status == rs.status == "converged" and v.final_loss < tol and s.final_loss < tol
+        assert abs(v.iterations - s.iterations) <= 5
+
+
+def test_shared_model_known_labels_and_joint_labels(faces):
+    x, y, nets, _ = faces
+    grads = [federated.client_gradient(nets[0], x[i : i + 1], y[i : i + 1]) for i in range(3)]
+    known = reconstruct_many(nets[0], grads, SHAPE, attacks.RECOMMENDED.with_(iterations=40), labels=y.view(3, 1), seeds=7)
+    assert [r.label_mode for r in known] == ["known"] * 3
+    assert all(r.report(x[i : i + 1], y[i : i + 1]).success for i, r in enumerate(known))
+    joint = reconstruct_many(nets[0], grads, SHAPE, attacks.AttackConfig(labels="joint", iterations=40, restarts=2), seeds=[0, 1, 2])
+    for i, r in enumerate(joint):
+        assert r.label_mode == "joint" and r.label_probs.shape == (1, 10)
+        assert r.report(x[i : i + 1], y[i : i + 1]).label_accuracy == 1.0
+
+
+def test_stopping_and_restarts_are_per_problem(faces):
+    _, y, nets, grads = faces
+    config = attacks.AttackConfig(iterations=4, restarts=3, tol=None, patience=None, restart_policy="always")
+    every_step = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2], check_every=1)
+    seldom = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2], check_every=3)
+    for a, b in zip(every_step, seldom):
+        assert a.statuses == b.statuses == ["budget"] * 3
+        assert len(a.restart_losses) == 3 and a.final_loss == min(a.restart_losses)
+        assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-5)  # when the host looks changes nothing
+    # problems that converge stop while one with a wrong label goes on until it stalls
+    wrong = y.clone().view(3, 1)
+    wrong[2] = (wrong[2] + 1) % 10
+    mixed = reconstruct_many(nets, grads, SHAPE, attacks.RECOMMENDED.with_(iterations=60, restarts=1), labels=wrong, seeds=[0, 1, 2])
+    assert [r.status for r in mixed[:2]] == ["converged"] * 2 and mixed[2].status in ("stalled", "budget")
+    assert max(r.iterations for r in mixed[:2]) < mixed[2].iterations
+
+
+def test_a_diverging_problem_does_not_poison_the_others(faces):
+    x, y, nets, grads = faces
+    broken = models.LeNet(channels=1, num_classes=10, image_size=16, seed=1)
+    with torch.no_grad():
+        broken.fc.bias[0] = math.nan  # its observations are NaN from the first step
+    config = attacks.RECOMMENDED.with_(iterations=30)
+    clean = reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1, 2])
+    mixed = reconstruct_many([nets[0], broken, nets[2]], grads, SHAPE, config, seeds=[0, 1, 2])
+    bad = mixed[1].report(x[1:2], y[1:2])
+    assert mixed[1].statuses[0] == "diverged" and math.isnan(bad.psnr) and not bad.success
+    for i in (0, 2):  # L-BFGS amplifies the rounding of a batch of another size: compare outcomes
+        assert mixed[i].status == clean[i].status == "converged" and abs(mixed[i].iterations - clean[i].iterations) <= 3
+        assert mixed[i].report(x[i : i + 1], y[i : i + 1]).psnr >= SUCCESS_PSNR
+    adam = attacks.AttackConfig(optimizer="adam", iterations=5, tol=None)
+    clean = reconstruct_many(nets, grads, SHAPE, adam)
+    mixed = reconstruct_many([nets[0], broken, nets[2]], grads, SHAPE, adam)
+    assert mixed[1].status == "diverged" and math.isnan(mixed[1].report(x[1:2], y[1:2]).mse)
+    for i in (0, 2):  # Adam does not: the same numbers
+        assert mixed[i].status == "budget" and torch.allclose(mixed[i].reconstruction, clean[i].reconstruction, atol=1e-6)
+
+
+def test_bad_inputs_are_explained(faces):
+    _, y, nets, grads = faces
+    config = attacks.RECOMMENDED.with_(iterations=2)
+    with pytest.raises(ValueError, match="models has 2 model.*targets has 3"):
+        reconstruct_many(nets[:2], grads, SHAPE, config)
+    with pytest.raises(TypeError, match="one gradient list"):
+        reconstruct_many(nets[0], grads[0], SHAPE, config)
+    with pytest.raises(TypeError, match="targets must be a non-empty list"):
+        reconstruct_many(nets[0], [], SHAPE, config)
+    colour = models.LeNet(channels=3, num_classes=10, image_size=16, seed=0)
+    with pytest.raises(ValueError, match=r"models\[1\] differs"):
+        reconstruct_many([nets[0], colour], grads[:2], SHAPE, config)
+    with pytest.raises(ValueError, match=r"targets\[1\] has 3 tensors"):
+        reconstruct_many(nets[:2], [grads[0], grads[1][:3]], SHAPE, config)
+    with pytest.raises(ValueError, match=r"targets\[0\] is all zero"):
+        reconstruct_many(nets[:1], [[torch.zeros_like(g) for g in grads[0]]], SHAPE, config)
+    with pytest.raises(ValueError, match=r"labels must be None or one row"):
+        reconstruct_many(nets, grads, SHAPE, config, labels=y)
+    with pytest.raises(ValueError, match="seeds has 2 entries"):
+        reconstruct_many(nets, grads, SHAPE, config, seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"seeds\[0\] must be an int"):
+        reconstruct_many(nets, grads, SHAPE, config, seeds=[0.5, 1, 2])
+    with pytest.raises(ValueError, match="shape must be the dummy batch"):
+        reconstruct_many(nets, grads, (16, 16), config)
+    with pytest.raises(TypeError, match="AttackConfig"):
+        reconstruct_many(nets, grads, SHAPE, {"iterations": 2})
+    with pytest.raises(ValueError, match="check_every"):
+        reconstruct_many(nets, grads, SHAPE, config, check_every=0)
+
+
+def test_history_matches_the_sequential_schedule(faces):
+    _, y, nets, grads = faces
+    config = attacks.AttackConfig(iterations=12, tol=None, patience=None)
+    result = reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=y[:2].view(2, 1), history_every=5)[0]
+    assert result.history_iters == [0, 5, 10, 12] and len(result.history) == 4
+    assert result.history[0].shape == SHAPE and float(result.history[-1].max()) <= 1
+    assert result.iterations == 12 and result.losses[-1] < result.losses[0]
+
+
+def test_placement_on_a_simulated_gpu(faces):
+    x, y, nets, grads = faces
+    config = attacks.RECOMMENDED.with_(iterations=3)
+    on_cpu = reconstruct_many(nets[:2], grads[:2], SHAPE, config, seeds=[0, 1])
+    with simulated_cuda.simulated():
+        gpu_nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i).to("cuda") for i in range(2)]
+        gpu_grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(gpu_nets)]
+        on_gpu = reconstruct_many(gpu_nets, gpu_grads, SHAPE, config, seeds=[0, 1])
+        assert simulated_cuda.cuda_share() > 0.9
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.reconstruction.device.type == "cpu" and torch.equal(a.reconstruction, b.reconstruction)
