@@ -48,7 +48,8 @@ Every attack here runs through :func:`dlgkit.attacks.fedavg.reconstruct_fedavg` 
 engine's ``float64=True`` (distances summed in float64).
 
 Run: ``python benchmarks/fedavg.py`` (``--n 1 --steps 1,2 --iterations 50`` for a quick look;
-``--jobs 8`` runs cells in 8 processes of one thread each). The table goes to
+``--jobs 8`` runs cells in 8 processes of one thread each; ``--rows guessed`` runs only the
+rows whose "client data | attack" contains "guessed"). The table goes to
 ``benchmarks/results/fedavg.md``.
 """
 
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,5,10", help="local steps E, comma-separated")
     parser.add_argument("--iterations", type=int, default=300, help="L-BFGS steps per attack")
     parser.add_argument("--jobs", type=int, default=1, help="processes (one thread each)")
+    parser.add_argument("--rows", default="", help="run only the rows whose 'client data | attack' contains this text (e.g. '1 face' or 'guessed')")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = [int(s) for s in args.steps.split(",")]
@@ -112,6 +114,8 @@ def main() -> None:
             configs = attack_configs(args.iterations)
             configs["FedAvg-aware, L2, E guessed 2E"] = ("aware-wrong", configs["FedAvg-aware, L2"][1])
             for name, (kind, config) in configs.items():
+                if args.rows not in f"{setup} | {name}":
+                    continue
                 rows.append((setup, name))
                 for e in steps:
                     if mini is not None and e * mini < size:  # the client's steps never reach some of its images
