@@ -5,10 +5,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import gc
 import inspect
 import importlib.util
 import io
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -414,6 +416,10 @@ def _chapter7_cheats() -> list[tuple[str, str, object, str]]:
         ("check_expected_fraction", "renormalised", lambda p, n: float(((q := p / p.sum()) * (1 - q) ** (n - 1)).sum()), "renormalised"),
         ("check_expected_fraction", "string", lambda p, n: "0.5", "float"),
         ("check_expected_fraction", "nan", lambda p, n: float("nan"), "not a number"),
+        ("check_expected_fraction", "float subclass", lambda p, n: _AlwaysClose(0.5), "expected"),
+        ("check_expected_fraction", "other threads' frames", lambda p, n: sys._current_frames() and 0.5, "sys._current_frames"),
+        ("check_expected_fraction", "every live object", lambda p, n: gc.get_objects() and 0.5, "gc.get_objects"),
+        ("check_expected_fraction", "patched check", _patch_the_check, "changed the check itself"),
         ("check_flat_brightness_layer", "library", lambda x, k: _planted_rows(torch.ones(x[0].numel()), imprint.imprint_thresholds(x, k)), "dlgkit.attacks"),
         ("check_flat_brightness_layer", "brightness bins", _brightness_layer, "below the target"),
         ("check_flat_brightness_layer", "evenly spaced", _random_direction_even, "below the target"),
@@ -421,6 +427,34 @@ def _chapter7_cheats() -> list[tuple[str, str, object, str]]:
         ("check_flat_brightness_layer", "nan", lambda x, k: (torch.full((k, x[0].numel()), float("nan")), torch.zeros(k)), "NaN"),
         ("check_flat_brightness_layer", "frames", lambda x, k: _walk_up("x"), ""),
     ]
+
+
+class _AlwaysClose(float):
+    """A float whose differences are all zero: ``abs(got - want) < tol`` for any ``want``."""
+
+    def __sub__(self, other):
+        return 0.0
+
+
+def _patch_the_check(p, n):
+    """Replace the check's own comparison helper, then answer anything."""
+    sys.modules["dlgkit.exercises._common"]._require = lambda condition, message: None
+    sys.modules["dlgkit.exercises.malicious"]._require = lambda condition, message: None
+    return 0.5
+
+
+def test_a_patched_check_is_restored():
+    from dlgkit.exercises import _common, malicious
+
+    before = (_common._require, malicious._require)
+    assert not _run(exercises.check_expected_fraction, _patch_the_check)[0]
+    assert (_common._require, malicious._require) == before
+
+
+@pytest.mark.parametrize("target", [-1, 0, 1.5, float("nan"), True, "0.4"])
+def test_open_exercise_target_must_be_a_fraction(target):
+    with pytest.raises(ValueError, match="target must be a fraction"):
+        exercises.check_flat_brightness_layer(lambda public, neurons: None, target=target)
 
 
 def cheats() -> list[tuple[str, str, object, str]]:

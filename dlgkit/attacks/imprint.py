@@ -102,8 +102,8 @@ def _check_input_shape(input_shape: object) -> tuple[int, ...]:
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """The statistic the imprint bins measure: each image's mean pixel value, shape (N,).
     Explained in chapter 7 of the book."""
-    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1, got {getattr(images, 'shape', type(images).__name__)}.")
+    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0 or images[0].numel() == 0:
+        raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1 and at least one pixel per image, got {getattr(images, 'shape', type(images).__name__)}.")
     check_unit_range("images", images)
     return images.flatten(1).mean(1)
 
@@ -142,10 +142,10 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     equally bright).
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
-    if not isinstance(public_images, torch.Tensor) or public_images.dim() < 2 or public_images.shape[0] == 0:
+    if not isinstance(public_images, torch.Tensor) or public_images.dim() < 2 or public_images.shape[0] == 0 or public_images[0].numel() == 0:
         raise ValueError(f"public_images must be a tensor of images (N, C, H, W) with N >= 1, the server's public sample, got {getattr(public_images, 'shape', type(public_images).__name__)}.")
     check_unit_range("public_images", public_images)
-    stats = brightness(public_images).double().numpy()
+    stats = brightness(public_images.detach().float()).double().cpu().numpy()  # thresholds in the layer's float32
     if bins > len(stats):
         raise ValueError(f"bins={bins} needs at least {bins} public images to place its quantiles, got {len(stats)}; use fewer bins or more public images (e.g. varied_faces).")
     lo, hi = float(stats.min()), float(stats.max())

@@ -15,6 +15,7 @@ How a check grades the student and not the library:
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import secrets
@@ -50,6 +51,18 @@ class _Forbidden(BaseException):
     (a BaseException, so that an ``except Exception`` in the student's code cannot swallow it)."""
 
 
+#: Introspection that reaches other threads' frames or every live object, where a case's truth
+#: lives while the student's function runs: calling one of these fails the check.
+_INTROSPECTION = {sys._current_frames: "sys._current_frames", gc.get_objects: "gc.get_objects",
+                  gc.get_referrers: "gc.get_referrers", gc.get_referents: "gc.get_referents"}
+
+
+def _check_modules() -> dict[str, dict]:
+    """The namespaces of the checks' own modules, to find a student's function patching them."""
+    return {name: dict(vars(module)) for name, module in list(sys.modules.items())
+            if name.startswith("dlgkit.exercises") and module is not None}
+
+
 def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) -> object:
     """``fn(*args)`` in a thread of its own, returning its result or raising its exception.
 
@@ -60,6 +73,13 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
     allowed = ALWAYS_ALLOWED + tuple(allow or ())
 
     def hook(frame, event, arg):  # noqa: ANN001 - sys.setprofile's signature
+        if event == "c_call":
+            for function, name in _INTROSPECTION.items():
+                if arg is function:
+                    box.setdefault("forbidden", name)
+                    sys.setprofile(None)
+                    raise _Forbidden(name)
+            return
         if event == "call":
             module = frame.f_globals.get("__name__") or ""
             if module.startswith(("dlgkit", "opacus")) and not module.startswith(allowed):
@@ -77,6 +97,7 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
         finally:
             sys.setprofile(None)
 
+    namespaces = _check_modules()
     worker = threading.Thread(target=run, name="exercise", daemon=True)
     worker.start()
     try:
@@ -85,6 +106,16 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
     except KeyboardInterrupt:
         print("Interrupted: the check stops here; your function finishes its current call in the background.")
         raise
+    patched = sorted(f"{name}.{key}" for name, before in namespaces.items() for key in set(before) | set(vars(sys.modules[name]))
+                     if vars(sys.modules[name]).get(key, box) is not before.get(key, box))
+    if patched:
+        for name, before in namespaces.items():  # undo it, so the next check runs unpatched
+            namespace = vars(sys.modules[name])
+            namespace.clear()
+            namespace.update(before)
+        raise ExerciseFailure(f"your function changed the check itself ({', '.join(patched[:3])}). Solve the exercise instead.")
+    if "forbidden" in box and box["forbidden"] in _INTROSPECTION.values():
+        raise ExerciseFailure(f"your function called {box['forbidden']}, which reads the check's private cases. Solve the exercise from the arguments you are given.")
     if "forbidden" in box:
         allowed_text = ", ".join(f"dlgkit.{m.split('.', 1)[1]}" for m in allow or ()) or "none of dlgkit's modules"
         raise ExerciseFailure(

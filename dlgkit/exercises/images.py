@@ -33,9 +33,11 @@ __all__ = [
 ]
 
 #: Exercise 2.3 passes at this PSNR (dB) on every private face; exercise 2.4 (ReLU) at ``RELU_TARGET_DB``
-#: on the mean of two (measured on this project's CPU: the L2 L-BFGS attack of exercise 2.3 stays at
+#: on the mean of four (measured on this project's CPU: the L2 L-BFGS attack of exercise 2.3 stays at
 #: 12 to 18 dB per face there, 8 faces; the reference solution, a cosine distance with Adam,
-#: clamping, a small TV prior and the better of 2 starts, reaches 19.2 to 30.7 dB, 28 faces).
+#: clamping, a small TV prior and the better of 2 starts, reaches 19.2 to 30.7 dB on 28 faces, and
+#: 12.3 to 28.4 dB, mean 23.0, on 40 fresh faces: 2 of them below 20 dB, which is why the check
+#: averages 4 faces, not 2).
 DLG_TARGET_DB = 30.0
 RELU_TARGET_DB = 18.0
 #: Exercise 1.4 passes when at least this many of the batch's 8 inputs are recovered exactly.
@@ -150,12 +152,18 @@ def check_batch_mixing_weights(fn: Callable) -> bool:
     def body() -> str:
         generator = fresh_generator()
         for trial in range(3):
-            model, x, y = _mlp_case(generator, 2, 6)
-            b = len(x)
-            row = randint(generator, 0, 7)
+            while True:  # a row whose examples' bias gradients do not nearly cancel (else alpha is
+                # a ratio of tiny numbers, and float32 rounding, not the student, decides it)
+                model, x, y = _mlp_case(generator, 2, 6)
+                b = len(x)
+                per_row = torch.stack([_mlp_gradients(model, x[k : k + 1], y[k : k + 1])[1] for k in range(b)])  # (B, rows)
+                usable = (per_row.sum(0).abs() >= 0.25 * per_row.abs().sum(0)).nonzero().flatten()
+                if len(usable):
+                    break
+            row = int(usable[randint(generator, 0, len(usable))])
             got = _tensor(call_student(fn, copy.deepcopy(model), x.clone(), y.clone(), row), "alpha")
             _require(got.shape == (b,), f"alpha should have one weight per example, shape ({b},), got {tuple(got.shape)}.")
-            per_example = torch.stack([_mlp_gradients(model, x[k : k + 1], y[k : k + 1])[1][row] for k in range(b)])
+            per_example = per_row[:, row]
             want = per_example / per_example.sum()
             err = float((got.double() - want.double()).abs().max())
             _require(abs(float(got.sum()) - 1.0) < 1e-4, f"the weights should sum to 1, they sum to {float(got.sum()):.4f}.")
@@ -260,13 +268,13 @@ def _private_face(generator: torch.Generator) -> torch.Tensor:
     return (contrast * face + brightness).clamp(0, 1)
 
 
-def _attack_cases(fn: Callable, activation: str, threshold: float, advice: str, on_mean: bool = False) -> str:
-    """Run the student's attack on 2 private 16x16 faces; require ``threshold`` dB PSNR on each
-    (``on_mean``: on their mean)."""
+def _attack_cases(fn: Callable, activation: str, threshold: float, advice: str, on_mean: bool = False, faces: int = 2) -> str:
+    """Run the student's attack on ``faces`` private 16x16 faces; require ``threshold`` dB PSNR on
+    each (``on_mean``: on their mean)."""
     generator = fresh_generator()
-    labels = torch.randperm(10, generator=generator)[:2]
+    labels = torch.randperm(10, generator=generator)[:faces]
     scores = []
-    for trial in range(2):
+    for trial in range(faces):
         x, y = _private_face(generator), labels[trial : trial + 1].clone()
         init = "uniform" if activation == "sigmoid" else "default"  # a ReLU network gets PyTorch's init, as in practice
         model = _lenet(generator, classes=10, activation=activation, init=init)
@@ -276,9 +284,10 @@ def _attack_cases(fn: Callable, activation: str, threshold: float, advice: str, 
         scores.append(_psnr(rec, x))
         _require(on_mean or scores[-1] >= threshold, f"private face {trial}: PSNR {scores[-1]:.1f} dB, below {threshold:g} dB. {advice}")
     mean = sum(scores) / len(scores)
-    _require(not on_mean or mean >= threshold, f"PSNR {scores[0]:.1f} and {scores[1]:.1f} dB on 2 private faces, mean {mean:.1f} dB, below {threshold:g} dB. {advice}")
+    listed = ", ".join(f"{s:.1f}" for s in scores)
+    _require(not on_mean or mean >= threshold, f"PSNR {listed} dB on {faces} private faces, mean {mean:.1f} dB, below {threshold:g} dB. {advice}")
     target = f"mean {mean:.1f} dB, target {threshold:g} dB" if on_mean else f"target {threshold:g} dB on each"
-    return f"PSNR {scores[0]:.1f} and {scores[1]:.1f} dB on 2 private faces ({activation} LeNet; {target})."
+    return f"PSNR {listed} dB on {faces} private faces ({activation} LeNet; {target})."
 
 
 def check_dlg_attack(fn: Callable, threshold: float = DLG_TARGET_DB) -> bool:
@@ -294,11 +303,12 @@ def check_dlg_attack(fn: Callable, threshold: float = DLG_TARGET_DB) -> bool:
 
 def check_relu_attack(fn: Callable, threshold: float = RELU_TARGET_DB) -> bool:
     """Exercise 2.4 (open): ``fn(model, shared_grads, shape, label)`` attacks a *ReLU* LeNet (with
-    PyTorch's default initialisation); passes when the reconstructions of 2 private 16x16 faces
-    reach ``threshold`` dB PSNR on average. May use: torch."""
+    PyTorch's default initialisation); passes when the reconstructions of 4 private 16x16 faces
+    reach ``threshold`` dB PSNR on average (4, not 2: a few ReLU models are hard for every attack,
+    and the mean of 4 keeps one of them from deciding). May use: torch."""
     return _report(
         "Exercise 2.4 (open: attack a ReLU network)",
-        lambda: _attack_cases(fn, "relu", threshold, "Try another distance (cosine), optimiser (Adam), a prior (total variation) or clamping to [0, 1].", on_mean=True),
+        lambda: _attack_cases(fn, "relu", threshold, "Try another distance (cosine), optimiser (Adam), a prior (total variation) or clamping to [0, 1].", on_mean=True, faces=4),
         {"does not require grad": _CREATE_GRAPH, "does not have a grad_fn": _CREATE_GRAPH},
     )
 

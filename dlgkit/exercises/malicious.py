@@ -9,6 +9,7 @@ brightness, batches.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -193,6 +194,7 @@ def check_expected_fraction(fn: Callable) -> bool:
                 _require(got.numel() == 1, f"return one number, got a tensor of shape {tuple(got.shape)}.")
                 got = float(_tensor(got, "the expected fraction").double())
             _require(isinstance(got, (int, float)) and not isinstance(got, bool), f"return the expected fraction as a float, got {type(got).__name__}.")
+            got = float(got)  # a plain float: a subclass could redefine the arithmetic of the comparison
             _require(math.isfinite(got), "the expected fraction is not a number (NaN or inf).")
             want = float((p * (1 - p) ** (batch - 1)).sum())
             if abs(got - want) < 1e-4:
@@ -221,6 +223,8 @@ def check_flat_brightness_layer(fn: Callable, target: float = FLAT_TARGET) -> bo
     the images off the gradient with consecutive row differences (rows in order of increasing
     threshold, so decreasing bias, the top row alone). Passes when the mean fraction recovered
     exactly is at least ``target``. May use: torch, numpy (not dlgkit.attacks)."""
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 < target <= 1:
+        raise ValueError(f"target must be a fraction in (0, 1], the share of each batch to recover (default {FLAT_TARGET}), got {target!r}.")
 
     def body() -> str:
         generator = fresh_generator()
