@@ -98,7 +98,7 @@ class BatchedLBFGS:
     (tolerance_grad 1e-7, tolerance_change 1e-9, max_eval 25): a step runs up to 20 inner
     iterations, each a direction from the last 100 pairs (s, y) (a pair is kept only when
     y.s > 1e-10; H0 = y.s / y.y), the first iteration of a trial scaled
-    to min(1, 1/|g|_1) * lr and the others starting at lr; a step ends on PyTorch's conditions
+    to ``min(1, 1 / sum(abs(g))) * lr`` and the others starting at lr; a step ends on PyTorch's conditions
     (20 iterations, 25 evaluations, a gradient below 1e-7 at its start or after an iteration,
     no descent direction, a move or a change of the objective below 1e-9). The differences:
 

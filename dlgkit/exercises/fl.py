@@ -133,7 +133,7 @@ def check_fedavg_update(fn: Callable) -> bool:
                 if _relative_error(got, _mlp_sgd(model, x, y, lr, steps, batch_size, mistake)) < 1e-4:
                     raise ExerciseFailure(f"{where}: {advice}")
             raise ExerciseFailure(f"{where}: relative error {error:.2e}. Run local_steps SGD steps w <- w - lr * grad(mean cross-entropy on the step's mini-batch) on a copy, and return W_E - W_0.")
-        return "Your updates equal the check's own SGD (gradients written out by hand) on 3 private clients, with 1, 2 and 3 mini-batches per epoch."
+        return "Your updates equal the check's own SGD (gradients written out by hand) on 3 private clients, with 3, 1 and 4 mini-batches per epoch."
 
     return _report("Exercise 6.1 (a FedAvg client's update)", body)
 
