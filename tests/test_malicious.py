@@ -249,3 +249,30 @@ def test_more_bad_inputs_name_the_argument_and_the_fix(faces):
     planted = im.imprint_model(model, SHAPE, im.imprint_thresholds(x, 8))
     with pytest.raises(ValueError, match=r"recover must return the recovered images as a tensor \(M, 1, 32, 32\)"):
         im.recovery_fractions(planted, lambda m, g: torch.zeros(3), batch_size=4, trials=1)
+
+
+def _small_lenet() -> nn.Module:
+    return LeNet(channels=1, image_size=4, num_classes=3, seed=0)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: im.imprint_thresholds(torch.rand(20, 1, 4, 4).numpy(), 4), ValueError, r"numpy\.ndarray of shape \(20, 1, 4, 4\).*torch\.as_tensor"),
+    (lambda: im.imprint_thresholds(torch.rand(20, 0), 4), ValueError, r"public_images"),
+    (lambda: im.brightness(torch.rand(3, 0)), ValueError, r"at least one pixel"),
+    (lambda: im.PlantedModel(_small_lenet(), (1, 4, 4), torch.zeros(2, 16, dtype=torch.long), torch.zeros(2)), TypeError, r"floating-point"),
+    (lambda: im.PlantedModel(_small_lenet(), (1, 4, 4), torch.zeros(0, 16), torch.zeros(0)), ValueError, r"at least one neuron"),
+    (lambda: im.PlantedModel(_small_lenet(), (1, 4, 4), torch.zeros(2, 16).numpy(), torch.zeros(2)), ValueError, r"numpy\.ndarray"),
+    (lambda: im.expected_recovered_fraction(4, probabilities=0.5), TypeError, r"probabilities must be a list"),
+    (lambda: im.expected_recovered_fraction(4, probabilities={0.5: "a"}), TypeError, r"got a dict"),
+    (lambda: im.best_psnr(torch.rand(3), torch.rand(4)), ValueError, r"batch must be the client's images"),
+    (lambda: im.best_psnr(torch.rand(2, 1, 4, 4), torch.tensor(0.5)), ValueError, r"batch must be the client's images"),
+    (lambda: im.best_psnr(torch.rand(2, 16), torch.rand(3, 1, 4, 4)), ValueError, r"recovered must be a tensor of shape \(M, 1, 4, 4\)"),
+], ids=["ndarray public", "pixel-less public", "pixel-less brightness", "integer weight", "no neuron", "ndarray weight",
+        "scalar probabilities", "dict probabilities", "1-D batch", "0-D batch", "flat recovered"])
+def test_planted_layer_helpers_refuse_bad_input_clearly(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_probabilities_may_be_a_tensor():
+    assert im.expected_recovered_fraction(4, probabilities=torch.tensor([0.5, 0.5])) == pytest.approx(2 * 0.5 * 0.5**3)

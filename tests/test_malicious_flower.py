@@ -38,3 +38,5 @@ def test_malicious_strategy_checks_its_inputs():
         MaliciousFedAvg(settings, planted_client_model(settings, 4), target=-1)
     with pytest.raises(ValueError, match="neurons must be a positive int"):
         planted_client_model(settings, 0)
+    with pytest.raises(TypeError, match="settings must be the run's FLSettings"):
+        planted_client_model(None, 2)

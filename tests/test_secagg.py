@@ -4,6 +4,7 @@ but an imprint model sent to every client still gives the faces back through the
 
 import pytest
 import torch
+from torch import nn
 
 from dlgkit import attacks, metrics
 from dlgkit.attacks import imprint as im
@@ -77,3 +78,16 @@ def test_attack_aggregate_with_one_client_sees_its_gradient():
         attack_aggregate(2, th, settings=task.FLSettings(mode="fedsgd", examples_per_client=2))
     with pytest.raises(ValueError, match="iterations must be a positive int"):
         attack_aggregate(1, th, iterations=0)
+
+
+@pytest.mark.parametrize("models", [nn.Linear(2, 2), (m for m in [nn.Linear(2, 2)]), []], ids=["a module", "a generator", "empty"])
+def test_simulate_secagg_wants_a_list_of_models(models):
+    settings = task.FLSettings(dataset="faces", mode="fedsgd")
+    with pytest.raises(ValueError, match="models must be a non-empty list"):
+        simulate_secagg(settings, models, 2)
+
+
+def test_simulate_secagg_refuses_a_quantisation_above_its_modulus():
+    settings = task.FLSettings(dataset="faces", mode="fedsgd")
+    with pytest.raises(ValueError, match="at most 2\\*\\*40"):
+        simulate_secagg(settings, [nn.Linear(2, 2)], 2, quantization_range=2**41)

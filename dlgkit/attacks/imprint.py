@@ -65,9 +65,13 @@ class PlantedModel(nn.Module):
         shape = _check_input_shape(input_shape)
         d = math.prod(shape)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d:
-            raise ValueError(f"weight must be a tensor of shape (neurons, {d}) for inputs of shape {shape}, got {getattr(weight, 'shape', type(weight).__name__)}.")
+            raise ValueError(f"weight must be a tensor of shape (neurons, {d}) for inputs of shape {shape}, got {_describe(weight)}.")
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), one per neuron of weight, got {getattr(bias, 'shape', type(bias).__name__)}.")
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), one per neuron of weight, got {_describe(bias)}.")
+        if weight.shape[0] == 0:
+            raise ValueError("weight has no rows: the planted layer needs at least one neuron.")
+        if not (weight.is_floating_point() and bias.is_floating_point()):
+            raise TypeError(f"weight and bias must be floating-point tensors, got {weight.dtype} and {bias.dtype}; use .float().")
         check_finite_tensors("weight", weight)
         check_finite_tensors("bias", bias)
         scale = check_number("decoder_scale", decoder_scale, low=0.0, low_open=True)
@@ -92,6 +96,15 @@ class PlantedModel(nn.Module):
         return self.model(x + self.back(h).view(x.shape))
 
 
+def _describe(value: object) -> str:
+    """What was passed, for an error message: a tensor's shape and dtype, or the type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    shape = getattr(value, "shape", None)
+    kind = f"{type(value).__module__}.{type(value).__name__}".replace("builtins.", "")
+    return f"a {kind} of shape {tuple(shape)} (convert it with torch.as_tensor)" if shape is not None else f"a {kind}"
+
+
 def _check_input_shape(input_shape: object) -> tuple[int, ...]:
     """The shape of one input, e.g. ``(1, 32, 32)``: a sequence of positive ints."""
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (Sequence, torch.Size)) or len(input_shape) == 0:
@@ -103,7 +116,7 @@ def brightness(images: torch.Tensor) -> torch.Tensor:
     """The statistic the imprint bins measure: each image's mean pixel value, shape (N,).
     Explained in chapter 7 of the book."""
     if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0 or images[0].numel() == 0:
-        raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1 and at least one pixel per image, got {getattr(images, 'shape', type(images).__name__)}.")
+        raise ValueError(f"images must be a tensor of shape (N, ...) with N >= 1 and at least one pixel per image, got {_describe(images)}.")
     check_unit_range("images", images)
     return images.flatten(1).mean(1)
 
@@ -143,7 +156,7 @@ def imprint_thresholds(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     Explained in chapter 7 of the book."""
     bins = check_positive_int("bins", bins, hint="It is the number of neurons (brightness bins) of the imprint layer, e.g. 64.")
     if not isinstance(public_images, torch.Tensor) or public_images.dim() < 2 or public_images.shape[0] == 0 or public_images[0].numel() == 0:
-        raise ValueError(f"public_images must be a tensor of images (N, C, H, W) with N >= 1, the server's public sample, got {getattr(public_images, 'shape', type(public_images).__name__)}.")
+        raise ValueError(f"public_images must be a tensor of images (N, C, H, W) with N >= 1, the server's public sample, got {_describe(public_images)}.")
     check_unit_range("public_images", public_images)
     stats = brightness(public_images.detach().float()).double().cpu().numpy()  # thresholds in the layer's float32
     if bins > len(stats):
@@ -183,7 +196,7 @@ def _front_gradients(model: PlantedModel, gradients: Sequence[torch.Tensor]) -> 
         raise ValueError(f"gradients must be a list with one tensor per parameter of the planted model ({len(params)}), got {len(gradients) if isinstance(gradients, Sequence) else type(gradients).__name__}; pass the client's whole update, e.g. client_gradient(model, x, y).")
     for i, (g, p) in enumerate(zip(gradients, params)):
         if not isinstance(g, torch.Tensor) or g.shape != p.shape:
-            raise ValueError(f"gradients[{i}] must have shape {tuple(p.shape)} like the planted model's parameter, got {getattr(g, 'shape', type(g).__name__)}.")
+            raise ValueError(f"gradients[{i}] must have shape {tuple(p.shape)} like the planted model's parameter, got {_describe(g)}.")
     check_finite_tensors("gradients", gradients[:2])
     return gradients[0].detach().double(), gradients[1].detach().double()
 
@@ -219,6 +232,10 @@ def expected_recovered_fraction(batch_size: int, bins: int | None = None, probab
     if bins is not None:
         k = check_positive_int("bins", bins, hint="It is the number of imprint bins, e.g. 64.")
         return (1.0 - 1.0 / k) ** (b - 1)
+    if isinstance(probabilities, torch.Tensor):
+        probabilities = probabilities.detach().cpu().flatten().tolist() if probabilities.dim() <= 1 else probabilities
+    if isinstance(probabilities, (str, bytes, dict)) or not isinstance(probabilities, Sequence):
+        raise TypeError(f"probabilities must be a list (or 1-D tensor) of bin probabilities, one per bin, got {_describe(probabilities)}.")
     p = np.asarray([check_number("probabilities entries", q, low=0.0, high=1.0) for q in probabilities], dtype=float)
     if p.size == 0 or p.sum() > 1 + 1e-9:
         raise ValueError(f"probabilities must be one or more bin probabilities summing to at most 1, got {p.size} summing to {p.sum():.6g}.")
@@ -256,9 +273,11 @@ def best_psnr(recovered: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     image closest to it, shape (N,); ``-inf`` when nothing was recovered. Distances are computed
     in float64 without the matrix-product shortcut, so exact recoveries read as exact.
     Explained in chapter 7 of the book."""
+    if not isinstance(batch, torch.Tensor) or batch.dim() < 2 or len(batch) == 0:
+        raise ValueError(f"batch must be the client's images as a tensor (N, C, H, W) with N >= 1, got {_describe(batch)}.")
     check_unit_range("batch", batch)
-    if not isinstance(recovered, torch.Tensor) or (recovered.numel() and recovered.shape[1:] != batch.shape[1:]):
-        raise ValueError(f"recovered must be a tensor of shape (M, {', '.join(map(str, batch.shape[1:]))}) like the batch's images, got {getattr(recovered, 'shape', type(recovered).__name__)}.")
+    if not isinstance(recovered, torch.Tensor) or (recovered.numel() and (recovered.dim() != batch.dim() or recovered.shape[1:] != batch.shape[1:])):
+        raise ValueError(f"recovered must be a tensor of shape (M, {', '.join(map(str, batch.shape[1:]))}) like the batch's images, got {_describe(recovered)}.")
     if recovered.numel() == 0:
         return torch.full((len(batch),), -math.inf, dtype=torch.float64)
     check_finite_tensors("recovered", recovered)
@@ -294,6 +313,6 @@ def recovery_fractions(model: nn.Module, recover: Callable[[nn.Module, list[torc
         labels = torch.randint(0, classes, (b,), generator=torch.Generator().manual_seed(t))
         recovered = recover(model, client_gradient(model, batch, labels))
         if not isinstance(recovered, torch.Tensor) or recovered.dim() != batch.dim() or (recovered.numel() and recovered.shape[1:] != batch.shape[1:]):
-            raise ValueError(f"recover must return the recovered images as a tensor (M, {', '.join(map(str, batch.shape[1:]))}), got {getattr(recovered, 'shape', type(recovered).__name__)}.")
+            raise ValueError(f"recover must return the recovered images as a tensor (M, {', '.join(map(str, batch.shape[1:]))}), got {_describe(recovered)}.")
         out.append(float(exact_matches(recovered, batch).double().mean()))
     return torch.tensor(out, dtype=torch.float64)

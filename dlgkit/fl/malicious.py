@@ -56,6 +56,8 @@ def planted_client_model(settings: FLSettings, neurons: int) -> PlantedModel:
     """The model a client builds when the server asks for a planted block of ``neurons``
     neurons: the run's LeNet behind an empty :class:`~dlgkit.attacks.imprint.PlantedModel`
     (the server's weights arrive in the message). Explained in chapter 7 of the book."""
+    if not isinstance(settings, FLSettings):
+        raise TypeError(f"settings must be the run's FLSettings, got {type(settings).__name__}.")
     neurons = check_positive_int("neurons", neurons)
     d = math.prod(INPUT_SHAPE)
     return PlantedModel(make_model(settings), INPUT_SHAPE, torch.zeros(neurons, d), torch.zeros(neurons))

@@ -118,10 +118,12 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
     n = check_positive_int("num_clients", num_clients)
     if n < 2:
         raise ValueError(f"num_clients must be at least 2 for SecAgg+ (Flower's workflow refuses to sample fewer), got {n}; with one client the server sees its update as it is (client_gradient).")
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise ValueError("models must be a non-empty list of torch models, one per round (the run's LeNet or a PlantedModel around it).")
+    if isinstance(models, nn.Module) or not isinstance(models, Sequence) or not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError(f"models must be a non-empty list of torch models, one per round (the run's LeNet or a PlantedModel around it), got {type(models).__name__}; for one round pass [model].")
     clip = check_number("clipping_range", clipping_range, low=0.0, low_open=True)
     quant = check_positive_int("quantization_range", quantization_range)
+    if quant > 2**40:
+        raise ValueError(f"quantization_range must be at most 2**40 (the modulus of the secure sum), got {quant}.")
     strategy = SecAggRecorder(settings, models, n)
     server_app = ServerApp()
 
