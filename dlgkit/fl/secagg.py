@@ -104,6 +104,10 @@ class SecAggRecorder(LegacyFedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
+#: The modulus of the secure sum (Flower's ``modulus_range``): the quantisation range may not exceed it.
+MODULUS = 2**40
+
+
 def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clients: int, clipping_range: float = 8.0, quantization_range: int = 2**30, quiet: bool = True) -> SecAggRecorder:
     """Run ``len(models)`` FedSGD rounds under SecAgg+ with ``num_clients`` simulated clients
     (client ``i`` holds partition ``i`` of ``settings``), round ``r`` training ``models[r - 1]``
@@ -122,8 +126,8 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
         raise ValueError(f"models must be a non-empty list of torch models, one per round (the run's LeNet or a PlantedModel around it), got {type(models).__name__}; for one round pass [model].")
     clip = check_number("clipping_range", clipping_range, low=0.0, low_open=True)
     quant = check_positive_int("quantization_range", quantization_range)
-    if quant > 2**40:
-        raise ValueError(f"quantization_range must be at most 2**40 (the modulus of the secure sum), got {quant}.")
+    if quant > MODULUS:
+        raise ValueError(f"quantization_range must be at most 2**40 (MODULUS, the modulus of the secure sum), got {quant}.")
     strategy = SecAggRecorder(settings, models, n)
     server_app = ServerApp()
 
@@ -131,7 +135,7 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
     def _main(grid, context: Context) -> None:
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=len(strategy.models)), strategy=strategy)
         shares = max(3, n)
-        workflow = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=max(2, shares - 1), max_weight=settings.examples_per_client, clipping_range=clip, quantization_range=quant, modulus_range=2**40)
+        workflow = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=max(2, shares - 1), max_weight=settings.examples_per_client, clipping_range=clip, quantization_range=quant, modulus_range=MODULUS)
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
     run_offline(server_app, app, n, quiet=quiet)
