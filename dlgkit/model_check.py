@@ -19,7 +19,7 @@ from torch import nn
 
 from dlgkit.checks import check_number, check_positive_int
 
-__all__ = ["ModelInspection", "inspect_model"]
+__all__ = ["CHANCE_PAIRS", "ModelInspection", "chance_parallel_pairs", "inspect_model"]
 
 
 @dataclass
@@ -30,6 +30,9 @@ class ModelInspection:
 
     suspicious: bool
     reasons: list[str] = field(default_factory=list)
+    #: layers the parallel-rows test could not judge (too few input dimensions; see
+    #: :func:`chance_parallel_pairs`), one line each
+    not_judged: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.suspicious
@@ -43,7 +46,9 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
     of the course pass; the models of :func:`dlgkit.attacks.imprint.imprint_model` and
     :func:`dlgkit.attacks.trap.trap_model` are flagged. A server that knows the check can hide
     from it (e.g. by rotating rows a little), so passing is no proof of honesty. A layer with
-    NaN or inf weights is flagged too.
+    NaN or inf weights is flagged too. A layer with so few inputs that random rows are parallel
+    by chance (more than :data:`CHANCE_PAIRS` parallel pairs expected, e.g. ``Linear(2, 256)``)
+    is not judged by the parallel-rows test; it is listed in ``not_judged`` instead.
     Explained in chapter 7 of the book."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -53,7 +58,7 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
         raise ValueError(f"min_parallel must be at least 2 (parallel means two or more rows), got {min_parallel}.")
     frac = check_number("trap_fraction", trap_fraction, low=0.5, high=1.0, low_open=True)
     min_rows = check_positive_int("min_rows", min_rows)
-    reasons = []
+    reasons, skipped = [], []
     for name, layer in model.named_modules():
         if not isinstance(layer, nn.Linear) or layer.out_features < 2 or layer.in_features < 2:
             continue
@@ -65,7 +70,11 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
         cos = unit @ unit.T
         partners = (cos >= cos_min).sum(1)  # each row counts itself
         group = int(partners.max())
-        if group >= min_parallel:
+        chance = chance_parallel_pairs(layer.out_features, layer.in_features, cos_min)
+        if group >= min_parallel and chance >= CHANCE_PAIRS:
+            skipped.append(f"{name or 'model'}: rows in {layer.in_features} dimensions are parallel by chance too "
+                           f"({chance:.2g} pairs expected among {layer.out_features} random rows), so parallel rows prove nothing here.")
+        elif group >= min_parallel:
             reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}); an honest layer has none (an imprint layer repeats one row with many biases).")
         if layer.out_features >= min_rows:
             pos, neg = w.clamp_min(0).sum(1), -w.clamp_max(0).sum(1)
@@ -73,4 +82,26 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
             leaning = float(((ratio < 1) & (ratio > 0.5)).double().mean())
             if leaning >= frac:
                 reasons.append(f"{name or 'model'}: {leaning:.0%} of {layer.out_features} rows have a positive part a little smaller than the negative part: trap weights.")
-    return ModelInspection(bool(reasons), reasons)
+    return ModelInspection(bool(reasons), reasons, skipped)
+
+
+#: The parallel-rows test judges a layer only when random rows would give fewer parallel pairs
+#: than this, on average (:func:`chance_parallel_pairs`).
+CHANCE_PAIRS = 1e-3
+
+
+def chance_parallel_pairs(rows: int, dims: int, parallel_cosine: float) -> float:
+    """The expected number of pairs among ``rows`` independent, isotropic random rows in ``dims``
+    dimensions whose cosine similarity is at least ``parallel_cosine``: the pairs times the
+    share of the sphere within that angle of a point, ``I_{1-c^2}((dims-1)/2, 1/2) / 2``
+    (the regularised incomplete beta function). In 2 or 3 dimensions, many random rows are
+    parallel by chance (256 rows in 2-D: about 150 pairs at cosine 0.9999); in 100 dimensions
+    practically none are. Explained in chapter 7 of the book."""
+    from scipy.special import betainc
+
+    rows, dims = check_positive_int("rows", rows), check_positive_int("dims", dims)
+    c = check_number("parallel_cosine", parallel_cosine, low=0.0, high=1.0)
+    if dims == 1:
+        return rows * (rows - 1) / 2 * (0.5 if c < 1 else 0.0)  # on a line, half the pairs share a sign
+    share = 0.5 * float(betainc((dims - 1) / 2, 0.5, 1.0 - c * c))
+    return rows * (rows - 1) / 2 * share

@@ -451,6 +451,35 @@ def test_a_patched_check_is_restored():
     assert (_common._require, malicious._require) == before
 
 
+@pytest.mark.parametrize("endless", ["spin", "swallow"])
+def test_a_function_that_never_returns_is_stopped(endless):
+    """A loop that never ends fails the check after the time limit, and the loop is stopped
+    (even one that catches every Exception)."""
+    import threading
+    import time
+
+    from dlgkit.exercises import _common
+
+    def spin():
+        while True:
+            pass
+
+    def swallow():
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception:  # noqa: BLE001 - the student's code tries to swallow the stop
+                pass
+
+    start = time.monotonic()
+    with pytest.raises(_common.ExerciseFailure, match=r"did not return within 0.5 s.*loop that never ends"):
+        _common.call_student(spin if endless == "spin" else swallow, time_limit=0.5)
+    assert time.monotonic() - start < 10
+    assert not any(t.name == "exercise" and t.is_alive() for t in threading.enumerate())
+    # a function that returns in time is not affected
+    assert _common.call_student(lambda a: a + 1, 1, time_limit=5) == 2
+
+
 @pytest.mark.parametrize("target", [-1, 0, 1.5, float("nan"), True, "0.4"])
 def test_open_exercise_target_must_be_a_fraction(target):
     with pytest.raises(ValueError, match="target must be a fraction"):

@@ -219,6 +219,29 @@ def test_strategy_refuses_bad_arguments():
         fl.simulate(task.FLSettings(), num_clients=0)
 
 
+def test_flower_log_silences_the_evaluation_warning_and_restores_the_level():
+    """Flower's FedAvg warns at construction that evaluation is off (as the course wants): the
+    book's pages show it only when quiet=False."""
+    import logging
+
+    from dlgkit.fl.simulation import flower_log
+
+    logger, seen = logging.getLogger("flwr"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    before = logger.level
+    try:
+        with flower_log(True):
+            fl.CuriousFedAvg(task.FLSettings())
+        assert seen == [] and logger.level == before
+        with flower_log(False):
+            fl.CuriousFedAvg(task.FLSettings())
+        assert any("fraction_evaluate" in m for m in seen), seen
+    finally:
+        logger.removeHandler(handler)
+
+
 # --- Flower's simulation engine (Ray), offline ----------------------------------------------
 
 

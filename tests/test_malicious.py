@@ -142,6 +142,31 @@ def test_inspection_flags_planted_models_and_passes_honest_ones(faces):
     assert tr.suspicious and any("front: 100% of 500" in r and "trap" in r for r in tr.reasons)
 
 
+def test_chance_parallel_pairs_matches_random_rows_and_spares_low_dimensional_layers():
+    from dlgkit.model_check import CHANCE_PAIRS, chance_parallel_pairs
+
+    g = torch.Generator().manual_seed(0)
+    for dims, cos_min in [(2, 0.9999), (3, 0.999), (4, 0.99)]:
+        counts = []
+        for _ in range(20):
+            unit = torch.nn.functional.normalize(torch.randn(256, dims, generator=g, dtype=torch.float64), dim=1)
+            cos = unit @ unit.T
+            counts.append(int(((cos >= cos_min).sum() - 256) // 2))
+        expected = chance_parallel_pairs(256, dims, cos_min)
+        mean = sum(counts) / len(counts)
+        assert abs(mean - expected) < 4 * math.sqrt(expected / len(counts)) + 0.5, (dims, mean, expected)
+    assert chance_parallel_pairs(1000, 1024, 0.9999) < 1e-100
+    # a random Linear(2, 256) has parallel rows by chance: not judged, not flagged
+    layer = nn.Linear(2, 256)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(256, 2, generator=g))
+    verdict = inspect_model(layer)
+    assert not verdict and verdict.not_judged and "2 dimensions" in verdict.not_judged[0]
+    assert chance_parallel_pairs(256, 2, 0.9999) > CHANCE_PAIRS
+    # ... while the imprint layer in 1024 dimensions is still judged and flagged
+    assert not inspect_model(_lenet()).not_judged
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 

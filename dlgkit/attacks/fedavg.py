@@ -25,7 +25,7 @@ from torch.func import functional_call
 from dlgkit.checks import check_choice, check_finite_tensors, check_number, check_positive_int
 from dlgkit.federated import LossFn, soft_cross_entropy
 
-__all__ = ["fedavg_observation", "naive_gradient", "reconstruct_fedavg"]
+__all__ = ["fedavg_observation", "local_sgd", "naive_gradient", "reconstruct_fedavg", "reconstruct_fedavg_many"]
 
 Observe = Callable[[nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -66,6 +66,31 @@ def fedavg_observation(local_steps: int, local_lr: float, batch_size: int | None
             weights = [w - local_lr * g for w, g in zip(weights, grads)]
         return [w - w0 for w, w0 in zip(weights, start)]
 
+    return observe
+
+
+def local_sgd(local_steps: int, local_lr: float, batch_size: int | None = None):
+    """The batchable twin of :func:`fedavg_observation` for
+    :func:`dlgkit.attacks.vectorised.reconstruct_many`: ``observe(call, weights, x, y)`` returns
+    the dict ``W_E - W_0`` after the same local SGD steps (same mini-batches, in the same order,
+    soft cross-entropy), written with ``torch.func.grad`` so that ``vmap`` can batch it.
+    Explained in chapter 6 of the book."""
+    from torch.func import grad
+
+    local_steps = check_positive_int("local_steps", local_steps)
+    local_lr = check_number("local_lr", local_lr, low=0.0, low_open=True, hint="It is the client's local SGD learning rate.")
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=True, hint="None uses the whole batch in every step.")
+
+    def observe(call, weights: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+        size, current = batch_size or len(x), dict(weights)
+        for step in range(local_steps):
+            first = (step * size) % len(x)
+            xb, yb = x[first : first + size], y[first : first + size]
+            grads = grad(lambda w: soft_cross_entropy(call(w, xb), yb))(current)
+            current = {k: current[k] - local_lr * grads[k] for k in current}
+        return {k: current[k] - weights[k] for k in weights}
+
+    observe.functional = True
     return observe
 
 
@@ -130,3 +155,47 @@ def reconstruct_fedavg(
             return [u / scale for u in replay(m, x, y)]
 
     return reconstruct(model, target, shape, config, labels=labels, observe=observe, seed=seed, history_every=history_every, progress=progress)
+
+
+def reconstruct_fedavg_many(
+    models: nn.Module | Sequence[nn.Module],
+    updates: Sequence[Sequence[torch.Tensor]],
+    shape: Sequence[int],
+    config,
+    *,
+    labels: torch.Tensor | Sequence[torch.Tensor],
+    local_steps: int,
+    local_lr: float,
+    batch_size: int | None = None,
+    seeds: int | Sequence[int] = 0,
+    history_every: int | None = 10,
+    check_every: int | None = None,
+    progress: bool | None = None,
+):
+    """The FedAvg-aware attack (``attack="aware"`` of :func:`reconstruct_fedavg`) on P updates
+    at once, with :func:`dlgkit.attacks.vectorised.reconstruct_many`: update ``i`` was sent by a
+    client that started from ``models[i]`` (one model: the same for all) and holds
+    ``labels[i]``; every client ran the same ``local_steps``, ``local_lr`` and ``batch_size``.
+    Each update and its replay are divided by the update's norm, as in
+    :func:`reconstruct_fedavg`. Returns one :class:`~dlgkit.attacks.image.AttackResult` per
+    update. With L-BFGS the line search differs from ``torch.optim.LBFGS``'s (see
+    :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), so the results are not bit-identical to
+    ``reconstruct_fedavg``'s. Explained in chapter 6 of the book."""
+    from dlgkit.attacks.engine import check_target
+    from dlgkit.attacks.vectorised import _reconstruct_many
+
+    if isinstance(updates, torch.Tensor) or not isinstance(updates, (list, tuple)) or not updates:
+        raise TypeError(f"updates must be a non-empty list of updates (each a list of tensors, one per parameter), got {type(updates).__name__}.")
+    if labels is None:
+        raise TypeError("labels must be the clients' class indices (a (P, N) tensor or a list of P tensors): the FedAvg-aware attack needs them.")
+    observe = local_sgd(local_steps, local_lr, batch_size)
+    targets, scales = [], []
+    for i, update in enumerate(updates):
+        update = check_target(f"updates[{i}]", update)
+        scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
+        if scale == 0.0:
+            raise ValueError(f"updates[{i}] is all zeros: that client did not move (no data, or local_lr too small); there is nothing to attack.")
+        targets.append([u / scale for u in update])
+        scales.append(scale)
+    return _reconstruct_many(models, targets, shape, config, labels=labels, num_classes=None, seeds=seeds, history_every=history_every,
+                             check_every=check_every, progress=progress, observe=observe, scales=scales)

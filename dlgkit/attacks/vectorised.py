@@ -40,7 +40,7 @@ from dlgkit.budget import progress_enabled
 from dlgkit.checks import check_positive_int, check_seed
 from dlgkit.federated import soft_cross_entropy
 
-__all__ = ["reconstruct_many", "BatchedAdam", "BatchedLBFGS"]
+__all__ = ["reconstruct_many", "gradient_of_loss", "FunctionalObserve", "BatchedAdam", "BatchedLBFGS"]
 
 # The optimisers call ``evaluate(mask, z) -> (gradient (P, D), objective (P,), distance (P,))``:
 # the values at the rows of ``z`` where ``mask`` is True (the other rows of the results are NaN).
@@ -317,6 +317,23 @@ def _seeds_list(seeds: int | Sequence[int], count: int) -> list[int]:
     return [check_seed("seeds", seeds)] * count
 
 
+#: ``observe(call, weights, x, y) -> dict``: what the server sees for input ``x`` with labels ``y``,
+#: written with ``torch.func`` so that it can be batched: ``weights`` is the dict of the model's
+#: trainable parameters, ``call(weights, inputs)`` the model's logits with those weights, and the
+#: result has the same keys. :func:`gradient_of_loss` (the default) and
+#: :func:`dlgkit.attacks.fedavg.local_sgd` are two.
+FunctionalObserve = Callable[[Callable[[dict, torch.Tensor], torch.Tensor], dict, torch.Tensor, torch.Tensor], dict]
+
+
+def gradient_of_loss(call: Callable[[dict, torch.Tensor], torch.Tensor], weights: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The default observation of :func:`reconstruct_many`: the gradient of the soft
+    cross-entropy of the batch ``(x, y)`` with respect to the weights (FedSGD)."""
+    return grad(lambda w: soft_cross_entropy(call(w, x), y))(weights)
+
+
+gradient_of_loss.functional = True  # batchable: reconstruct_many accepts it as observe
+
+
 @dataclass
 class _Stack:
     """The P problems as stacked tensors, and the batched objective over any subset of them."""
@@ -331,21 +348,26 @@ class _Stack:
     num_classes: int
     joint: bool
     config: AttackConfig
+    observe: "FunctionalObserve | None" = None
+    scale: torch.Tensor | None = None  # (P,): each problem's observation is divided by it
 
     def __post_init__(self) -> None:
         names = [n for n, p in self.template.named_parameters() if p.requires_grad]
         n, numel = self.shape[0], math.prod(self.shape)
         config = self.config
+        observe = self.observe or gradient_of_loss
+        if self.scale is None:
+            self.scale = torch.ones(len(self.labels), dtype=torch.float64, device=self.labels.device)
 
-        def objective(z, params, buffers, target, labels):
+        def objective(z, params, buffers, target, labels, scale):
             x = z[:numel].view(self.shape)
             y = F.softmax(z[numel:].view(n, self.num_classes), dim=-1) if self.joint else labels
 
-            def loss(trainable):
-                return soft_cross_entropy(functional_call(self.template, ({**params, **trainable}, buffers), (x,)), y)
+            def call(trainable, inputs):
+                return functional_call(self.template, ({**params, **trainable}, buffers), (inputs,))
 
-            seen = grad(loss)({k: params[k] for k in names})
-            observed, wanted = [seen[k] for k in names], list(target)
+            seen = observe(call, {k: params[k] for k in names}, x, y)
+            observed, wanted = [seen[k] / scale.to(seen[k].dtype) for k in names], list(target)
             if config.float64:
                 observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
             distance = DISTANCES[config.distance](observed, wanted)
@@ -353,7 +375,7 @@ class _Stack:
             return value, distance
 
         dims = None if self.shared else 0
-        self.batched = vmap(grad_and_value(objective, has_aux=True), in_dims=(0, dims, dims, 0, 0))
+        self.batched = vmap(grad_and_value(objective, has_aux=True), in_dims=(0, dims, dims, 0, 0, 0))
 
     def evaluate(self, mask: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gradient, objective and distance of the problems where ``mask`` is True (at the
@@ -370,7 +392,7 @@ class _Stack:
         take = (lambda t: t) if rows.numel() == p else (lambda t: t.index_select(0, rows))
         params = self.params if self.shared else {k: take(v) for k, v in self.params.items()}
         buffers = self.buffers if self.shared else {k: take(v) for k, v in self.buffers.items()}
-        g_rows, (value_rows, distance_rows) = self.batched(take(z), params, buffers, [take(t) for t in self.target], take(self.labels))
+        g_rows, (value_rows, distance_rows) = self.batched(take(z), params, buffers, [take(t) for t in self.target], take(self.labels), take(self.scale))
         g = g.index_copy(0, rows, g_rows)
         value = value.index_copy(0, rows, value_rows.detach().to(torch.float64))
         distance = distance.index_copy(0, rows, distance_rows.detach().to(torch.float64))
@@ -408,6 +430,7 @@ def reconstruct_many(
     history_every: int | None = 10,
     check_every: int | None = None,
     progress: bool | None = None,
+    observe: FunctionalObserve | None = None,
 ) -> list[AttackResult]:
     """Solve P independent image attacks as one: problem ``i`` is
     ``reconstruct(models[i], targets[i], shape, config, labels=labels[i], seed=seeds[i])``.
@@ -426,9 +449,24 @@ def reconstruct_many(
     Each problem keeps its own optimiser state (:class:`BatchedAdam`, :class:`BatchedLBFGS`),
     stopping rule and restarts, as ``config`` asks. Returns one
     :class:`~dlgkit.attacks.image.AttackResult` per problem; its ``wall_time`` is the whole run's
-    time divided by P. A custom ``observe`` is not supported here (use ``reconstruct``).
+    time divided by P.
+
+    ``observe`` replaces the gradient by another observation, written with ``torch.func`` so
+    that it can be batched (:data:`FunctionalObserve`; e.g. :func:`dlgkit.attacks.fedavg.local_sgd`,
+    the FedAvg update, used by :func:`dlgkit.attacks.fedavg.reconstruct_fedavg_many`); the
+    ``observe(model, x, y)`` functions of ``reconstruct`` cannot be batched and are refused.
     Defined in :doc:`/book/02_single_image_dlg`.
     """
+    return _reconstruct_many(models, targets, shape, config, labels=labels, num_classes=num_classes, seeds=seeds,
+                             history_every=history_every, check_every=check_every, progress=progress, observe=observe)
+
+
+def _reconstruct_many(models, targets, shape, config, *, labels, num_classes, seeds, history_every, check_every, progress,
+                      observe, scales: Sequence[float] | None = None) -> list[AttackResult]:
+    if observe is not None and (not callable(observe) or not getattr(observe, "functional", False)):
+        raise TypeError("observe must be a batchable observation (observe.functional is True), such as "
+                        "dlgkit.attacks.fedavg.local_sgd(local_steps, local_lr, batch_size), or None for the gradient; "
+                        f"got {type(observe).__name__}. A function observe(model, x, y) works with reconstruct, one problem at a time.")
     if not isinstance(config, AttackConfig):
         raise TypeError(f"config must be a dlgkit.attacks.AttackConfig (e.g. attacks.RECOMMENDED.with_(iterations=100)), got {type(config).__name__}.")
     if isinstance(targets, torch.Tensor) or not isinstance(targets, (list, tuple)) or not targets:
@@ -457,10 +495,12 @@ def reconstruct_many(
     with contextlib.ExitStack() as stack:
         for model in {id(m): m for m in model_list}.values():
             stack.enter_context(engine.caller_model_untouched(model))
-        return _solve(model_list, checked, modes[0], shape, num_classes, config, seed_list, history_every, check_every, progress, device, dtype)
+        return _solve(model_list, checked, modes[0], shape, num_classes, config, seed_list, history_every, check_every, progress, device, dtype,
+                      observe, scales)
 
 
-def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history_every, check_every, progress, device, dtype) -> list[AttackResult]:
+def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history_every, check_every, progress, device, dtype,
+           observe=None, scales=None) -> list[AttackResult]:
     start_time = time.perf_counter()
     count, n = len(model_list), shape[0]
     shared = all(m is model_list[0] for m in model_list)
@@ -475,7 +515,8 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
     stacked_target = [torch.stack([target[j] for target in targets]) for j in range(len(targets[0]))]
     joint = mode == "joint"
     labels = torch.zeros((count, n), dtype=torch.long) if joint else torch.stack([known for _, known in checked])
-    problems = _Stack(template, params, buffers, shared, stacked_target, labels.to(device), shape, num_classes, joint, config)
+    scale = None if scales is None else torch.tensor(list(scales), dtype=torch.float64, device=device)
+    problems = _Stack(template, params, buffers, shared, stacked_target, labels.to(device), shape, num_classes, joint, config, observe, scale)
     tols = [engine.absolute_tol(config, target, n) for target in targets]
     tol = torch.tensor([-math.inf if t is None else t for t in tols], dtype=torch.float64, device=device)
     numel = math.prod(shape)

@@ -20,7 +20,9 @@ import math
 import numbers
 import secrets
 import sys
+import ctypes
 import threading
+import time
 import traceback
 from typing import Callable, Sequence
 
@@ -63,11 +65,29 @@ def _check_modules() -> dict[str, dict]:
             if name.startswith("dlgkit.exercises") and module is not None}
 
 
-def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) -> object:
+class _TimedOut(BaseException):
+    """Raised into the student's code when it runs past the time limit (a BaseException, so
+    that an ``except Exception`` in the student's code cannot swallow it)."""
+
+
+#: How long one call of a student's function may run, in seconds (:func:`call_student`): far
+#: above what the reference solutions need at the full budget (a few seconds to a minute).
+TIME_LIMIT = 600.0
+
+
+def _raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type`` in ``thread`` at its next Python instruction (CPython's asynchronous
+    exception; a long torch call in C finishes first)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+
+
+def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = (), time_limit: float | None = TIME_LIMIT) -> object:
     """``fn(*args)`` in a thread of its own, returning its result or raising its exception.
 
     ``allow``: the dlgkit modules (by name prefix, besides :data:`ALWAYS_ALLOWED`) that ``fn``
     may call; any other ``dlgkit`` or ``opacus`` call fails the check. ``None`` allows everything.
+    ``time_limit``: seconds after which the call is stopped and the check fails (a loop that
+    never ends); None waits for ever.
     """
     box: dict = {}
     allowed = ALWAYS_ALLOWED + tuple(allow or ())
@@ -100,9 +120,15 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
     namespaces = _check_modules()
     worker = threading.Thread(target=run, name="exercise", daemon=True)
     worker.start()
+    deadline = None if time_limit is None else time.monotonic() + float(time_limit)
     try:
         while worker.is_alive():
             worker.join(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                box["timed_out"] = True
+                _raise_in(worker, _TimedOut)
+                worker.join(10.0)  # it stops at its next Python instruction
+                break
     except KeyboardInterrupt:
         print("Interrupted: the check stops here; your function finishes its current call in the background.")
         raise
@@ -114,6 +140,9 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = ()) 
             namespace.clear()
             namespace.update(before)
         raise ExerciseFailure(f"your function changed the check itself ({', '.join(patched[:3])}). Solve the exercise instead.")
+    if box.get("timed_out"):
+        raise ExerciseFailure(f"your function did not return within {float(time_limit):g} s, so the check stopped it. "
+                              "Look for a loop that never ends (a while loop whose condition never turns False), or far too many iterations.")
     if "forbidden" in box and box["forbidden"] in _INTROSPECTION.values():
         raise ExerciseFailure(f"your function called {box['forbidden']}, which reads the check's private cases. Solve the exercise from the arguments you are given.")
     if "forbidden" in box:

@@ -32,7 +32,7 @@ from dlgkit.checks import check_nonnegative_int, check_positive_int
 from dlgkit.fl import client_app as honest_client
 from dlgkit.fl.arrays import tensors_to_record
 from dlgkit.fl.server_app import CuriousFedAvg, Reply, reply_fields, run_server
-from dlgkit.fl.simulation import run_offline
+from dlgkit.fl.simulation import flower_log, run_offline
 from dlgkit.fl.task import FLSettings, make_model
 
 __all__ = ["INPUT_SHAPE", "Harvest", "MaliciousFedAvg", "planted_client_model", "simulate_malicious", "app"]
@@ -157,7 +157,8 @@ def simulate_malicious(settings: FLSettings, planted: PlantedModel, num_clients:
 
     check_positive_int("num_clients", num_clients)
     check_positive_int("num_rounds", num_rounds)
-    strategy = MaliciousFedAvg(settings, planted, target=target, min_train_nodes=num_clients, min_available_nodes=num_clients)
+    with flower_log(quiet):
+        strategy = MaliciousFedAvg(settings, planted, target=target, min_train_nodes=num_clients, min_available_nodes=num_clients)
     server_app = ServerApp()
 
     @server_app.main()

@@ -35,7 +35,7 @@ from torch import nn
 from dlgkit.attacks.imprint import PlantedModel
 from dlgkit.checks import check_number, check_positive_int
 from dlgkit.fl.malicious import _KEY, planted_client_model
-from dlgkit.fl.simulation import run_offline
+from dlgkit.fl.simulation import flower_log, run_offline
 from dlgkit.fl.task import FLSettings, load_partition, local_train, make_model
 
 __all__ = ["SecAggRecorder", "simulate_secagg", "AggregateAttacks", "attack_aggregate", "app"]
@@ -128,7 +128,8 @@ def simulate_secagg(settings: FLSettings, models: Sequence[nn.Module], num_clien
     quant = check_positive_int("quantization_range", quantization_range)
     if quant > MODULUS:
         raise ValueError(f"quantization_range must be at most 2**40 (MODULUS, the modulus of the secure sum), got {quant}.")
-    strategy = SecAggRecorder(settings, models, n)
+    with flower_log(quiet):
+        strategy = SecAggRecorder(settings, models, n)
     server_app = ServerApp()
 
     @server_app.main()

@@ -5,8 +5,9 @@ Explained in chapter 6 of the book.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -18,7 +19,7 @@ from dlgkit.fl.client_app import app as client_app
 from dlgkit.fl.server_app import ClientUpdate, CuriousFedAvg, run_server
 from dlgkit.fl.task import FLSettings
 
-__all__ = ["simulate", "run_offline"]
+__all__ = ["simulate", "run_offline", "flower_log"]
 
 
 def simulate(settings: FLSettings, num_clients: int = 2, num_rounds: int = 1, on_update: Callable[[ClientUpdate], None] | None = None, quiet: bool = True) -> list[ClientUpdate]:
@@ -31,7 +32,8 @@ def simulate(settings: FLSettings, num_clients: int = 2, num_rounds: int = 1, on
         raise TypeError(f"settings must be an FLSettings, got {type(settings).__name__}.")
     check_positive_int("num_clients", num_clients)
     check_positive_int("num_rounds", num_rounds)
-    strategy = CuriousFedAvg(settings, on_update=on_update, min_train_nodes=num_clients, min_available_nodes=num_clients)
+    with flower_log(quiet):  # Flower's FedAvg warns that evaluation is off (as the course wants)
+        strategy = CuriousFedAvg(settings, on_update=on_update, min_train_nodes=num_clients, min_available_nodes=num_clients)
     server_app = ServerApp()
 
     @server_app.main()
@@ -46,11 +48,19 @@ def run_offline(server_app: ServerApp, client: ClientApp, num_supernodes: int, q
     """Run ``server_app`` against ``num_supernodes`` simulated nodes of ``client`` in Flower's
     simulation engine, offline, one CPU per node (Flower's default asks for two); ``quiet``
     keeps Flower's log to errors while it runs. Used by chapter 6's and chapter 7's runs."""
+    with flower_log(quiet):
+        run_simulation(server_app=server_app, client_app=client, num_supernodes=num_supernodes, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
+
+
+@contextlib.contextmanager
+def flower_log(quiet: bool = True) -> Iterator[None]:
+    """Inside, Flower's logger ("flwr") reports errors only when ``quiet`` (its warnings and
+    INFO lines are for operators, not for the book's pages); its level is restored after."""
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if quiet:
         flwr_logger.setLevel(logging.ERROR)
     try:
-        run_simulation(server_app=server_app, client_app=client, num_supernodes=num_supernodes, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
+        yield
     finally:
         flwr_logger.setLevel(level)
