@@ -182,3 +182,18 @@ def test_many_fedavg_attacks_explain_missing_labels_one_update_and_rounded_updat
     # valid input still runs, with the labels it was given
     results = run([update, second])
     assert [r.labels.tolist() for r in results] == [y.tolist(), y.tolist()]
+
+
+@pytest.mark.parametrize("quiet", [None, "no", 0, 1])
+def test_flower_log_refuses_a_quiet_that_is_not_a_bool(quiet):
+    """Probe finding: flower_log("no") silenced the log (a truthy string) and None showed it."""
+    import logging
+
+    from dlgkit.fl.simulation import flower_log
+
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    with pytest.raises(TypeError, match="quiet must be True .* or False"):
+        with flower_log(quiet):
+            pass
+    assert logger.level == before
