@@ -48,7 +48,8 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
     from it (e.g. by rotating rows a little), so passing is no proof of honesty. A layer with
     NaN or inf weights is flagged too. A layer with so few inputs that random rows are parallel
     by chance (more than :data:`CHANCE_PAIRS` parallel pairs expected, e.g. ``Linear(2, 256)``)
-    is not judged by the parallel-rows test; it is listed in ``not_judged`` instead.
+    is not judged by the parallel-rows test, unless it holds far more parallel pairs than chance
+    gives (e.g. every row the same); it is listed in ``not_judged`` instead.
     Explained in chapter 7 of the book."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -71,9 +72,13 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
         partners = (cos >= cos_min).sum(1)  # each row counts itself
         group = int(partners.max())
         chance = chance_parallel_pairs(layer.out_features, layer.in_features, cos_min)
-        if group >= min_parallel and chance >= CHANCE_PAIRS:
+        pairs = int(partners.sum() - layer.out_features) // 2  # the parallel pairs found
+        if group >= min_parallel and chance >= CHANCE_PAIRS and not _beyond_chance(pairs, chance):
             skipped.append(f"{name or 'model'}: rows in {layer.in_features} dimensions are parallel by chance too "
                            f"({chance:.2g} pairs expected among {layer.out_features} random rows), so parallel rows prove nothing here.")
+        elif group >= min_parallel and chance >= CHANCE_PAIRS:
+            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}), {pairs} parallel pairs where "
+                           f"random rows in {layer.in_features} dimensions give about {chance:.2g}: far more than chance (an imprint layer repeats one row with many biases).")
         elif group >= min_parallel:
             reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}); an honest layer has none (an imprint layer repeats one row with many biases).")
         if layer.out_features >= min_rows:
@@ -86,8 +91,18 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
 
 
 #: The parallel-rows test judges a layer only when random rows would give fewer parallel pairs
-#: than this, on average (:func:`chance_parallel_pairs`).
+#: than this, on average (:func:`chance_parallel_pairs`), or when it holds far more parallel
+#: pairs than random rows would (:func:`_beyond_chance`).
 CHANCE_PAIRS = 1e-3
+
+
+def _beyond_chance(pairs: int, expected: float) -> bool:
+    """True when ``pairs`` parallel pairs are far more than random rows give (``expected`` on
+    average): a Poisson upper tail below 1e-9. A low-dimensional layer whose rows are all one
+    row is planted, however many pairs chance gives."""
+    from scipy.stats import poisson
+
+    return pairs > expected and float(poisson.sf(pairs - 1, expected)) < 1e-9
 
 
 def chance_parallel_pairs(rows: int, dims: int, parallel_cosine: float) -> float:

@@ -480,6 +480,19 @@ def test_a_function_that_never_returns_is_stopped(endless):
     assert _common.call_student(lambda a: a + 1, 1, time_limit=5) == 2
 
 
+@pytest.mark.parametrize("time_limit", [0, -1, float("nan"), float("inf"), "5", True, [1]])
+def test_call_student_refuses_a_bad_time_limit_before_running_the_function(time_limit):
+    """Probe finding: time_limit 0 or -1 blamed the student's function ("did not return within
+    -1 s"), NaN waited for ever and "5" or True were taken as seconds."""
+    from dlgkit.exercises import _common
+
+    calls = []
+    with pytest.raises(ValueError, match=r"time_limit must .*None waits for ever"):
+        _common.call_student(lambda: calls.append(1), time_limit=time_limit)
+    assert calls == []
+    assert _common.call_student(lambda: 7, time_limit=None) == 7
+
+
 @pytest.mark.parametrize("target", [-1, 0, 1.5, float("nan"), True, "0.4"])
 def test_open_exercise_target_must_be_a_fraction(target):
     with pytest.raises(ValueError, match="target must be a fraction"):

@@ -159,3 +159,41 @@ def test_many_fedavg_attacks_refuse_bad_input():
     # an autograd observe(model, x, y) cannot be batched: a clear error, not a vmap trace
     with pytest.raises(TypeError, match="observe must be a batchable observation"):
         reconstruct_many(model, [update], x.shape, labels=[y], observe=fedavg_observation(1, 0.1))
+
+
+def test_many_fedavg_attacks_explain_missing_labels_one_update_and_rounded_updates():
+    """Probe findings: a None among the labels ran iDLG on the update and guessed the labels
+    wrongly without a word; one update passed bare, or rounded to integers, got unclear errors."""
+    from dlgkit.attacks.fedavg import reconstruct_fedavg_many
+
+    model, x, y, update = _client(steps=2, mini=1, n=2)
+    other = models.LeNet(channels=1, num_classes=10, image_size=32, seed=1)
+    second = federated.client_update(other, x, y, lr=0.1, local_steps=2, batch_size=1).tensors
+    run = lambda updates, **kw: reconstruct_fedavg_many([model, other][: len(updates)], updates, x.shape, attacks.RECOMMENDED.with_(iterations=2, restarts=1),
+                                                        **{"labels": [y, y], "local_steps": 2, "local_lr": 0.1, "batch_size": 1, "progress": False, **kw})
+    with pytest.raises(TypeError, match=r"labels\[1\] is None.*cannot read them off an update"):
+        run([update, second], labels=[y, None])
+    with pytest.raises(TypeError, match=r"updates is one update.*pass \[update\]"):
+        run(update)
+    rounded = [(u * 1e4).long() for u in second]
+    assert any(bool(t.any()) for t in rounded)
+    with pytest.raises(ValueError, match=r"updates\[1\]\[0\] has dtype torch.int64"):
+        run([update, rounded])
+    # valid input still runs, with the labels it was given
+    results = run([update, second])
+    assert [r.labels.tolist() for r in results] == [y.tolist(), y.tolist()]
+
+
+@pytest.mark.parametrize("quiet", [None, "no", 0, 1])
+def test_flower_log_refuses_a_quiet_that_is_not_a_bool(quiet):
+    """Probe finding: flower_log("no") silenced the log (a truthy string) and None showed it."""
+    import logging
+
+    from dlgkit.fl.simulation import flower_log
+
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    with pytest.raises(TypeError, match="quiet must be True .* or False"):
+        with flower_log(quiet):
+            pass
+    assert logger.level == before

@@ -167,6 +167,26 @@ def test_chance_parallel_pairs_matches_random_rows_and_spares_low_dimensional_la
     assert not inspect_model(_lenet()).not_judged
 
 
+def test_rows_that_are_all_one_row_are_flagged_even_in_few_dimensions():
+    """Probe finding: a Linear(2, 256) or Linear(3, 8) whose rows were all the same row was
+    "parallel by chance too" and passed; far more parallel pairs than chance gives are judged."""
+    g = torch.Generator().manual_seed(1)
+    for inputs, outputs in [(2, 256), (3, 8)]:
+        layer = nn.Linear(inputs, outputs)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(1, inputs, generator=g).expand(outputs, inputs))
+        verdict = inspect_model(layer)
+        assert verdict and not verdict.not_judged, (inputs, verdict)
+        assert f"{outputs} of {outputs} rows are parallel" in verdict.reasons[0] and "far more than chance" in verdict.reasons[0]
+    # random rows in 2 dimensions stay not judged and unflagged
+    for _ in range(10):
+        layer = nn.Linear(2, 256)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(256, 2, generator=g))
+        verdict = inspect_model(layer)
+        assert not verdict and verdict.not_judged
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 

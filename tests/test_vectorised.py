@@ -144,6 +144,77 @@ def test_bad_inputs_are_explained(faces):
         reconstruct_many(nets, grads, SHAPE, config, check_every=0)
 
 
+def test_labels_seeds_and_integer_targets_of_the_wrong_kind_are_explained(faces):
+    """Probe findings: a NumPy label array, a label row given as a list, a tensor of seeds and an
+    integer (rounded) target each get a message that says what to pass."""
+    _, y, nets, grads = faces
+    config = attacks.RECOMMENDED.with_(iterations=2, restarts=1)
+    with pytest.raises(TypeError, match=r"got ndarray; convert an array with torch.as_tensor"):
+        reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=y[:2].view(2, 1).numpy())
+    with pytest.raises(TypeError, match=r"labels\[1\] must be a tensor of class indices .*got list"):
+        reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=[y[:1], [int(y[1])]])
+    with pytest.raises(TypeError, match=r"seeds must be one int for every problem or a list of 2 ints.*seeds.tolist\(\)"):
+        reconstruct_many(nets[:2], grads[:2], SHAPE, config, seeds=torch.tensor([0, 1]))
+    rounded = [(g * 1e4).long() for g in grads[1]]
+    assert any(bool(t.any()) for t in rounded)  # not all zero: the dtype is what gets refused
+    with pytest.raises(ValueError, match=r"targets\[1\]\[0\] has dtype torch.int64"):
+        reconstruct_many(nets[:2], [grads[0], rounded], SHAPE, config)
+
+
+def _functional(fn):
+    fn.functional = True
+    return fn
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_a_custom_observe_is_checked_before_the_batched_run(faces):
+    """A batchable observe that returns the wrong thing, cannot be batched or ignores x gets a
+    clear error before the run (it used to be a KeyError, a shape error from the distance or a
+    vmap trace, or a silent attack on a constant)."""
+    from dlgkit.attacks.vectorised import gradient_of_loss
+
+    _, y, nets, grads = faces
+    config = attacks.RECOMMENDED.with_(iterations=2, restarts=1)
+    labels = y[:2].view(2, 1)
+    run = lambda observe: reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=labels, observe=_functional(observe), progress=False)
+    with pytest.raises(TypeError, match="observe must return a dict keyed like its weights argument.*got list"):
+        run(lambda call, w, x, t: list(gradient_of_loss(call, w, x, t).values()))
+    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]"):
+        run(lambda call, w, x, t: {k: v for k, v in gradient_of_loss(call, w, x, t).items() if k != "fc.bias"})
+    with pytest.raises(ValueError, match=r"observe returned \(\d+,\) for 'body.0.weight'.*match entry by entry"):
+        run(lambda call, w, x, t: {k: v.flatten() for k, v in gradient_of_loss(call, w, x, t).items()})
+    with pytest.raises(ValueError, match=r"observe cannot be batched.*no .item\(\)"):
+        run(lambda call, w, x, t: {k: v * float(call(w, x).sum()) for k, v in w.items()})
+    with pytest.raises(ValueError, match="observe's output does not depend on x"):
+        run(lambda call, w, x, t: {k: torch.zeros_like(v) + 1 for k, v in w.items()})
+    # the explicit default is accepted and gives the default's answer
+    default = reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=labels, progress=False)
+    explicit = reconstruct_many(nets[:2], grads[:2], SHAPE, config, labels=labels, observe=gradient_of_loss, progress=False)
+    assert [r.losses for r in default] == [r.losses for r in explicit]
+
+
+def test_idlg_labels_are_refused_for_an_observation_that_is_not_the_gradient(faces):
+    """iDLG reads the labels off a gradient's last layer; on a FedAvg update it guessed [4, 4]
+    for labels [4, 9] without a word. Now: known labels or joint labels, else an error."""
+    from dlgkit.attacks.fedavg import local_sgd
+    from dlgkit.attacks.vectorised import gradient_of_loss
+
+    x, y, nets, _ = faces
+    updates = [federated.client_update(net, x[i : i + 1], y[i : i + 1], lr=0.1, local_steps=2).tensors for i, net in enumerate(nets[:2])]
+    config = attacks.RECOMMENDED.with_(iterations=2, restarts=1)
+    with pytest.raises(ValueError, match=r"config.labels='idlg'.*pass the labels.*labels='joint'"):
+        reconstruct_many(nets[:2], updates, SHAPE, config, observe=local_sgd(2, 0.1))
+    with pytest.raises(ValueError, match=r"config.labels='idlg'"):
+        reconstruct_many(nets[:2], updates, SHAPE, config, labels=[y[:1], None], observe=local_sgd(2, 0.1))
+    known = reconstruct_many(nets[:2], updates, SHAPE, config, labels=y[:2].view(2, 1), observe=local_sgd(2, 0.1), progress=False)
+    assert [int(r.labels) for r in known] == y[:2].tolist()
+    joint = reconstruct_many(nets[:2], updates, SHAPE, config.with_(labels="joint"), observe=local_sgd(2, 0.1), progress=False)
+    assert all(r.label_mode == "joint" for r in joint)
+    # the gradient itself still reads its labels with iDLG
+    assert reconstruct_many(nets[:1], [federated.client_gradient(nets[0], x[:1], y[:1])], SHAPE, config,
+                            observe=gradient_of_loss, progress=False)[0].labels.tolist() == y[:1].tolist()
+
+
 def test_history_matches_the_sequential_schedule(faces):
     _, y, nets, grads = faces
     config = attacks.AttackConfig(iterations=12, tol=None, patience=None)

@@ -182,16 +182,21 @@ def reconstruct_fedavg_many(
     :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), so the results are not bit-identical to
     ``reconstruct_fedavg``'s. Explained in chapter 6 of the book."""
     from dlgkit.attacks.engine import check_target
-    from dlgkit.attacks.vectorised import _reconstruct_many
+    from dlgkit.attacks.vectorised import _check_floating, _reconstruct_many
 
     if isinstance(updates, torch.Tensor) or not isinstance(updates, (list, tuple)) or not updates:
         raise TypeError(f"updates must be a non-empty list of updates (each a list of tensors, one per parameter), got {type(updates).__name__}.")
-    if labels is None:
-        raise TypeError("labels must be the clients' class indices (a (P, N) tensor or a list of P tensors): the FedAvg-aware attack needs them.")
+    if all(isinstance(u, torch.Tensor) for u in updates):
+        raise TypeError("updates is one update (a list of tensors); reconstruct_fedavg_many takes a list of them, one per client: pass [update] for one.")
+    if labels is None or (isinstance(labels, (list, tuple)) and any(known is None for known in labels)):
+        where = "labels" if labels is None else f"labels[{[known is None for known in labels].index(True)}]"
+        raise TypeError(f"{where} is None, but labels must be the clients' class indices (a (P, N) tensor or a list of P tensors): "
+                        "the FedAvg-aware attack needs them (it cannot read them off an update).")
     observe = local_sgd(local_steps, local_lr, batch_size)
     targets, scales = [], []
     for i, update in enumerate(updates):
         update = check_target(f"updates[{i}]", update)
+        _check_floating(f"updates[{i}]", update)
         scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
         if scale == 0.0:
             raise ValueError(f"updates[{i}] is all zeros: that client did not move (no data, or local_lr too small); there is nothing to attack.")

@@ -304,8 +304,14 @@ def _labels_list(labels: object, count: int) -> list[torch.Tensor | None]:
         if labels.dim() != 2 or labels.shape[0] != count:
             raise ValueError(f"labels must be None or one row of class indices per problem, shape ({count}, N), got shape {tuple(labels.shape)}.")
         return list(labels)
-    if not isinstance(labels, (list, tuple)) or len(labels) != count:
-        raise ValueError(f"labels must be None, a ({count}, N) tensor or a list of {count} tensors (one per problem), got {type(labels).__name__} of length {len(labels) if isinstance(labels, (list, tuple)) else '-'}.")
+    if not isinstance(labels, (list, tuple)):
+        raise TypeError(f"labels must be None, a ({count}, N) tensor or a list of {count} tensors (one per problem), got {type(labels).__name__}; "
+                        "convert an array with torch.as_tensor(labels).")
+    if len(labels) != count:
+        raise ValueError(f"labels must be None, a ({count}, N) tensor or a list of {count} tensors (one per problem), got a list of length {len(labels)}.")
+    for i, known in enumerate(labels):
+        if known is not None and not isinstance(known, torch.Tensor):
+            raise TypeError(f"labels[{i}] must be a tensor of class indices (or None: config.labels), got {type(known).__name__}; pass torch.tensor({known!r}).")
     return list(labels)
 
 
@@ -314,7 +320,18 @@ def _seeds_list(seeds: int | Sequence[int], count: int) -> list[int]:
         if len(seeds) != count:
             raise ValueError(f"seeds has {len(seeds)} entries but targets has {count} problem(s); pass one seed per problem, or one int for all.")
         return [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+    if getattr(seeds, "ndim", 0):  # a tensor or array of seeds
+        raise TypeError(f"seeds must be one int for every problem or a list of {count} ints (one per problem), got a {type(seeds).__name__}; pass seeds.tolist().")
     return [check_seed("seeds", seeds)] * count
+
+
+def _check_floating(name: str, target: Sequence[torch.Tensor]) -> None:
+    """A gradient or an update holds real numbers: refuse integer tensors (rounded values), which
+    would otherwise be attacked as if they were the observation."""
+    for j, t in enumerate(target):
+        if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"{name}[{j}] has dtype {t.dtype}, but a gradient or update holds real numbers; pass the float tensors the "
+                             "client computed (e.g. federated.client_update(...).tensors), not rounded or cast values.")
 
 
 #: ``observe(call, weights, x, y) -> dict``: what the server sees for input ``x`` with labels ``y``,
@@ -332,6 +349,44 @@ def gradient_of_loss(call: Callable[[dict, torch.Tensor], torch.Tensor], weights
 
 
 gradient_of_loss.functional = True  # batchable: reconstruct_many accepts it as observe
+
+
+def _check_observe(observe: FunctionalObserve, template: nn.Module, params: dict, buffers: dict, shape: tuple[int, ...], y: torch.Tensor,
+                   target: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Call a custom ``observe`` once, on the first problem at a fixed random input, before the
+    batched run: its output must be a dict of the trainable parameters' names with the target's
+    shapes, it must depend on ``x``, and ``torch.func.grad`` and ``vmap`` must go through it.
+    Otherwise a clear error, instead of a KeyError or a vmap trace from inside the attack."""
+    names = [k for k, p in template.named_parameters() if p.requires_grad]
+    weights = {k: params[k] for k in names}
+
+    def call(trainable: dict, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(template, ({**params, **trainable}, buffers), (inputs,))
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=generator).to(device=device, dtype=dtype)
+    seen = observe(call, weights, x, y)
+    if not isinstance(seen, dict):
+        raise TypeError(f"observe must return a dict keyed like its weights argument (the model's parameter names), got {type(seen).__name__}; "
+                        "e.g. return {k: ... for k in weights}.")
+    missing, unknown = [k for k in names if k not in seen], [k for k in seen if k not in weights]
+    if missing or unknown:
+        raise ValueError(f"observe must return one tensor per trainable parameter, keyed by its name; missing {missing[:3]}, unexpected {unknown[:3]}.")
+    for k, t in zip(names, target):
+        if not isinstance(seen[k], torch.Tensor) or tuple(seen[k].shape) != tuple(t.shape):
+            got = tuple(seen[k].shape) if isinstance(seen[k], torch.Tensor) else type(seen[k]).__name__
+            raise ValueError(f"observe returned {got} for {k!r}, but the target holds a tensor of shape {tuple(t.shape)} for it; "
+                             "they must match entry by entry (no broadcasting).")
+    probes = {k: torch.randn(seen[k].shape, generator=generator).to(device=device, dtype=seen[k].dtype) for k in names}
+    try:
+        moved = vmap(grad(lambda inputs: sum((observe(call, weights, inputs, y)[k] * probes[k]).sum() for k in names)))(x[None])
+    except RuntimeError as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"observe cannot be batched: torch.func.grad and vmap fail on it ({first_line}). Write it with torch operations only, "
+                         "as dlgkit.attacks.fedavg.local_sgd is: no .item(), float(), .tolist(), .numpy() or Python if/while on tensor values.") from exc
+    if not bool(moved.any()):
+        raise ValueError("observe's output does not depend on x (its gradient with respect to x is zero): compute it from call(weights, x), "
+                         "e.g. with torch.func.grad, and do not .detach() it.")
 
 
 @dataclass
@@ -476,12 +531,17 @@ def _reconstruct_many(models, targets, shape, config, *, labels, num_classes, se
     count = len(targets)
     model_list = _models_list(models, count)
     label_list, seed_list = _labels_list(labels, count), _seeds_list(seeds, count)
+    if observe is not None and observe is not gradient_of_loss and config.labels == "idlg" and any(known is None for known in label_list):
+        raise ValueError("labels=None (or a None entry) with config.labels='idlg' reads the labels off a gradient's last layer, but observe "
+                         "replaces the gradient by another observation, so they would be guessed wrongly; pass the labels (a (P, N) tensor "
+                         "of class indices) or use config.with_(labels='joint').")
     check_positive_int("history_every", history_every, allow_none=True)
     check_positive_int("check_every", check_every, allow_none=True)
     checked, modes = [], []
     for i, (model, target, known) in enumerate(zip(model_list, targets, label_list)):
         if isinstance(target, torch.Tensor) or not isinstance(target, (list, tuple)):
             raise TypeError(f"targets[{i}] must be a gradient list (one tensor per model parameter), got {type(target).__name__}.")
+        _check_floating(f"targets[{i}]", target)
         target, shape, classes = _checked_inputs(model, target, shape, None, num_classes, name=f"targets[{i}]")
         mode, resolved = _resolve_labels(model, target, known, config, classes, shape)
         checked.append((target, resolved))
@@ -516,6 +576,11 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
     joint = mode == "joint"
     labels = torch.zeros((count, n), dtype=torch.long) if joint else torch.stack([known for _, known in checked])
     scale = None if scales is None else torch.tensor(list(scales), dtype=torch.float64, device=device)
+    if observe is not None:
+        first = params if shared else {k: v[0] for k, v in params.items()}
+        first_buffers = buffers if shared else {k: v[0] for k, v in buffers.items()}
+        y = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype, device=device) if joint else labels[0].to(device)
+        _check_observe(observe, template, first, first_buffers, shape, y, targets[0], dtype, device)
     problems = _Stack(template, params, buffers, shared, stacked_target, labels.to(device), shape, num_classes, joint, config, observe, scale)
     tols = [engine.absolute_tol(config, target, n) for target in targets]
     tol = torch.tensor([-math.inf if t is None else t for t in tols], dtype=torch.float64, device=device)

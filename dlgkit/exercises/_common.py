@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from dlgkit.checks import check_number
+
 
 class ExerciseFailure(AssertionError):
     """Raised inside a check to report a wrong answer with an explanation."""
@@ -89,6 +91,8 @@ def call_student(fn: Callable, *args: object, allow: Sequence[str] | None = (), 
     ``time_limit``: seconds after which the call is stopped and the check fails (a loop that
     never ends); None waits for ever.
     """
+    time_limit = check_number("time_limit", time_limit, low=0.0, low_open=True, allow_none=True,
+                              hint="It is the number of seconds the student's function may run; None waits for ever.")
     box: dict = {}
     allowed = ALWAYS_ALLOWED + tuple(allow or ())
 

@@ -56,6 +56,8 @@ def run_offline(server_app: ServerApp, client: ClientApp, num_supernodes: int, q
 def flower_log(quiet: bool = True) -> Iterator[None]:
     """Inside, Flower's logger ("flwr") reports errors only when ``quiet`` (its warnings and
     INFO lines are for operators, not for the book's pages); its level is restored after."""
+    if not isinstance(quiet, bool):
+        raise TypeError(f"quiet must be True (Flower's log shows errors only) or False (everything), got {quiet!r}.")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if quiet:
