@@ -11,6 +11,8 @@ iterations, the thread count and the load average before and after.
 
 Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vectorised.md``);
 ``--threads 1,2`` repeats the faces at each thread count (the thread policy);
+``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
+another against ``reconstruct_fedavg_many``; writes ``vectorised_fedavg.md``);
 ``DLGKIT_DEVICE=cuda python benchmarks/vectorised.py --quick`` on a GPU (4 images per set, 40
 iterations; writes ``vectorised_quick.md``).
 """
@@ -78,12 +80,60 @@ def load() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+def fedavg(threads: list[int]) -> None:
+    """The setting of chapter 6's "Across rounds": 3 global models (seeds 0-2) x 3 clients of 4
+    digits, each client's FedAvg update after E = 4 local SGD steps (lr 0.1, mini-batches of 2);
+    the FedAvg-aware attack (cosine + TV 1e-4, float64, 30 L-BFGS steps, one start) on all 9
+    updates, one after another and as one batched problem, at each thread count."""
+    from dlgkit.attacks import fedavg as fa
+    from dlgkit.fl import task
+
+    settings = task.FLSettings(dataset="digits", mode="fedavg", examples_per_client=4, lr=0.1, local_steps=4, batch_size=2)
+    config = attacks.RECOMMENDED.with_(restarts=1, iterations=30, float64=True, distance="cosine", tv=1e-4)
+    clients = [task.load_partition(settings, i, 3) for i in range(3)]
+    nets, updates, xs, ys = [], [], [], []
+    for seed in range(3):
+        for x, y in clients:
+            net = task.make_model(task.FLSettings(dataset="digits", seed=seed))
+            nets.append(net)
+            updates.append(federated.client_update(net, x, y, lr=settings.lr, local_steps=settings.local_steps, batch_size=settings.batch_size).tensors)
+            xs.append(x)
+            ys.append(y)
+    kwargs = dict(local_steps=settings.local_steps, local_lr=settings.lr, batch_size=settings.batch_size, history_every=None, progress=False)
+    lines = ["| threads | path | total wall time (s) | speed-up | median PSNR (dB) | lowest PSNR (dB) | updates >= 30 dB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    print(f"# FedAvg-aware attacks on 9 updates, sequential vs vectorised, load {load()}\n" + "\n".join(lines))
+    loads, start = [load()], time.perf_counter()
+    for count in threads:
+        torch.set_num_threads(count)
+        timed = {}
+        for path in ("sequential", "vectorised") if count == threads[0] else ("vectorised", "sequential"):
+            begin = time.perf_counter()
+            if path == "sequential":
+                results = [fa.reconstruct_fedavg(net, u, x.shape, config, labels=y, seed=0, **kwargs) for net, u, x, y in zip(nets, updates, xs, ys)]
+            else:
+                results = fa.reconstruct_fedavg_many(nets, updates, xs[0].shape, config, labels=ys, seeds=0, **kwargs)
+            timed[path] = (time.perf_counter() - begin, [r.report(x, y).psnr for r, x, y in zip(results, xs, ys)])
+        for path in ("sequential", "vectorised"):
+            wall, psnrs = timed[path]
+            lines.append(f"| {count} | {path} | {wall:.1f} | {timed['sequential'][0] / wall:.2f}x | {statistics.median(psnrs):.1f} | {min(psnrs):.1f} | "
+                         f"{sum(p >= SUCCESS_PSNR for p in psnrs)} of {len(psnrs)} |")
+            print(lines[-1], flush=True)
+        loads.append(load())
+    note = (f"Chapter 6's across-rounds setting (3 fresh global models instead of 3 trained rounds), CPU, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Load average (1, 5, 15 min) before the run and after each thread count: "
+            f"{' / '.join(loads)}. {time.perf_counter() - start:.0f} s in all.")
+    print(f"wrote {write_table('vectorised_fedavg', 'FedAvg-aware attacks: sequential against vectorised (9 updates)', lines, note)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="images per set (default 20)")
+    parser.add_argument("--fedavg", action="store_true", help="chapter 6's 9 FedAvg updates instead (writes vectorised_fedavg.md)")
     parser.add_argument("--quick", action="store_true", help="4 images per set and 40 iterations (about 90 s on one GPU)")
     parser.add_argument("--threads", default="1", help="comma-separated torch thread counts; the faces are repeated at each after the first")
     args = parser.parse_args()
+    if args.fedavg:
+        return fedavg([int(t) for t in args.threads.split(",")])
     device = budget.default_device()
     budget.seed_everything(0)  # full float32 precision on a GPU (no TF32)
     n = 4 if args.quick else args.n

@@ -18,7 +18,7 @@ import torch
 
 from dlgkit.checks import check_positive_int
 
-__all__ = ["is_quick", "budget", "seed_everything", "default_device", "device_of", "resolve_device", "progress_enabled"]
+__all__ = ["is_quick", "budget", "seed_everything", "default_device", "device_of", "resolve_device", "progress_enabled", "cores", "threads_for", "use_threads"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -117,3 +117,31 @@ def progress_enabled(progress: bool | None = None) -> bool:
     if progress is not None:
         return bool(progress)
     return os.environ.get("DLGKIT_PROGRESS", "1").strip().lower() not in _FALSE
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one, else
+    ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_for(processes: int = 1) -> int:
+    """The thread policy for the course's small models on a CPU: the torch threads each of
+    ``processes`` processes attacking at the same time should use, an equal share of
+    :func:`cores` (at least 1). One process alone gets every core; two processes on two cores
+    get one thread each. ``benchmarks/threads.py`` measured why: on 2 cores, two processes with
+    2 threads each run many times slower than with 1 thread each (they fight over the cores),
+    while one process gains from its second core. Explained in the README (thread policy)."""
+    processes = check_positive_int("processes", processes, hint="It is how many processes run attacks at the same time (1 when only this one does).")
+    return max(1, cores() // processes)
+
+
+def use_threads(processes: int = 1) -> int:
+    """Set torch's thread count to :func:`threads_for` ``(processes)`` and return it: call it in
+    each of ``processes`` processes (benchmark jobs, simulated clients) before they attack."""
+    threads = threads_for(processes)
+    torch.set_num_threads(threads)
+    return threads

@@ -77,7 +77,7 @@ def test_diverged_attack_reports_nan_never_success(problem):
     def exploding(m, xx, yy):  # an observation that turns NaN: the trial diverges
         return [g * math.nan for g in engine.gradient_observation(m, xx, yy)]
 
-    result = attacks.reconstruct(model, grads, x.shape, FAST, observe=exploding, progress=False)
+    result = attacks.reconstruct(model, grads, x.shape, FAST, labels=y, observe=exploding, progress=False)
     assert result.statuses == ["diverged"] and result.final_loss == math.inf
     report = result.report(x, y)
     assert math.isnan(report.psnr) and math.isnan(report.ssim) and math.isnan(report.label_accuracy)
@@ -263,9 +263,9 @@ def test_seed_beyond_int64_is_refused(problem):
     ],
 )
 def test_observe_output_is_checked(problem, observe, error, match):
-    model, grads, x, _ = problem
+    model, grads, x, y = problem
     with pytest.raises(error, match=match):
-        attacks.reconstruct(model, grads, x.shape, FAST, observe=observe, progress=False)
+        attacks.reconstruct(model, grads, x.shape, FAST, labels=y, observe=observe, progress=False)
 
 
 def test_num_classes_must_match_the_last_layer(problem):

@@ -60,3 +60,23 @@ def test_seed_everything_asks_for_full_precision_on_gpus():
     budget.seed_everything(0)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
+def test_thread_policy_shares_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert budget.cores() == 4
+    assert [budget.threads_for(p) for p in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    before = torch.get_num_threads()
+    try:
+        assert budget.use_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert budget.threads_for() == 2 and budget.threads_for(2) == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises((TypeError, ValueError), match="processes"):
+            budget.threads_for(bad)

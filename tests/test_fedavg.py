@@ -197,3 +197,14 @@ def test_flower_log_refuses_a_quiet_that_is_not_a_bool(quiet):
         with flower_log(quiet):
             pass
     assert logger.level == before
+
+
+def test_idlg_labels_are_refused_for_a_replayed_update():
+    """The update's last-layer signs are not a gradient's: iDLG would read wrong labels, so the
+    sequential engine asks for the labels too (the batched one does, in test_vectorised)."""
+    model, x, y, update = _client(steps=2)
+    with pytest.raises(ValueError, match="labels=None with config.labels='idlg'.*pass labels"):
+        attacks.reconstruct(model, update, x.shape, attacks.RECOMMENDED.with_(iterations=1), observe=fedavg_observation(2, 0.1))
+    # with the labels given, the same call runs
+    attacks.reconstruct(model, update, x.shape, attacks.RECOMMENDED.with_(iterations=1, restarts=1), labels=y,
+                        observe=fedavg_observation(2, 0.1), history_every=None, progress=False)

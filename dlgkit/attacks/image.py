@@ -340,6 +340,10 @@ def reconstruct(
         raise TypeError(f"config must be a dlgkit.attacks.AttackConfig (e.g. attacks.RECOMMENDED.with_(iterations=100)), got {type(config).__name__}.")
     if observe is not None and not callable(observe):
         raise TypeError(f"observe must be a function (model, x, y) -> list of tensors, got {type(observe).__name__}.")
+    if observe is not None and observe is not engine.gradient_observation and config.labels == "idlg" and labels is None:
+        raise ValueError("labels=None with config.labels='idlg' reads the label off a gradient's last layer, but observe replaces the "
+                         "gradient by another observation (a FedAvg update's signs are flipped, for one), so it could be guessed wrongly; "
+                         "pass labels (class indices) or use config.with_(labels='joint').")
     target, shape, num_classes = _checked_inputs(model, target_gradients, shape, observe, num_classes)
     device = next(p for p in model.parameters() if p.requires_grad).device
     with engine.caller_model_untouched(model):
