@@ -64,7 +64,7 @@ def main() -> None:
     counts = sorted({1, cores})
     lines = ["| workload | processes at once | threads each | wall time of one run (s) | slowdown against 1 process, 1 thread |", "| --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     ctx = mp.get_context("spawn")
     for kind, label in (("single", f"{args.repeats} single attacks, one after another"), ("vectorised", "8 attacks, vectorised")):
         base = None
@@ -78,8 +78,8 @@ def main() -> None:
                 lines.append(f"| {label} | {processes} | {threads} | {wall:.1f} | {wall / base:.2f}x |")
                 print(lines[-1], flush=True)
     note = (f"{cores} cores; each run is 60 L-BFGS steps per attack (recommended attack, no stopping rule). Two processes start their clocks "
-            f"together; the time is their mean. {time.perf_counter() - started:.0f} s in all; load average before the run {os.getloadavg()[0]:.2f} "
-            "(1 min; the cores should be otherwise idle).")
+            f"together; the time is their mean. {time.perf_counter() - started:.0f} s in all; load average (1 min) {load_before:.2f} before the run, "
+            f"{os.getloadavg()[0]:.2f} after it (its own processes; the cores should be otherwise idle).")
     print(f"wrote {write_table('threads', 'Threads for small-model attacks: 1 or all cores, alone or two processes at once', lines, note)}")
 
 

@@ -128,20 +128,28 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def threads_for(processes: int = 1) -> int:
+def threads_for(processes: int = 1, batched: bool = True) -> int:
     """The thread policy for the course's small models on a CPU: the torch threads each of
-    ``processes`` processes attacking at the same time should use, an equal share of
-    :func:`cores` (at least 1). One process alone gets every core; two processes on two cores
-    get one thread each. ``benchmarks/threads.py`` measured why: on 2 cores, two processes with
-    2 threads each run many times slower than with 1 thread each (they fight over the cores),
-    while one process gains from its second core. Explained in the README (thread policy)."""
+    ``processes`` processes attacking at the same time should use.
+
+    - ``batched=True`` (many problems as one, :func:`dlgkit.attacks.vectorised.reconstruct_many`, or a
+      simulation's clients): an equal share of :func:`cores`, at least 1;
+    - ``batched=False`` (one small attack at a time): 1 thread, whatever the cores.
+
+    Measured by ``benchmarks/threads.py`` on 2 cores (``benchmarks/results/threads.md``): one
+    LeNet attack at a time ran 10% slower with 2 threads than with 1; 8 attacks as one batched
+    problem ran 20% faster with 2; and two processes with 2 threads each ran 5 to 6 times slower
+    than with 1 thread each (they fight over the cores). Explained in the README (thread policy)."""
     processes = check_positive_int("processes", processes, hint="It is how many processes run attacks at the same time (1 when only this one does).")
-    return max(1, cores() // processes)
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True (many problems at once) or False (one small attack at a time), got {batched!r}.")
+    return max(1, cores() // processes) if batched else 1
 
 
-def use_threads(processes: int = 1) -> int:
-    """Set torch's thread count to :func:`threads_for` ``(processes)`` and return it: call it in
-    each of ``processes`` processes (benchmark jobs, simulated clients) before they attack."""
-    threads = threads_for(processes)
+def use_threads(processes: int = 1, batched: bool = True) -> int:
+    """Set torch's thread count to :func:`threads_for` ``(processes, batched)`` and return it:
+    call it in each of ``processes`` processes (benchmark jobs, simulated clients) before they
+    attack."""
+    threads = threads_for(processes, batched)
     torch.set_num_threads(threads)
     return threads

@@ -92,7 +92,7 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
 
 #: The parallel-rows test judges a layer only when random rows would give fewer parallel pairs
 #: than this, on average (:func:`chance_parallel_pairs`), or when it holds far more parallel
-#: pairs than random rows would (:func:`_beyond_chance`).
+#: pairs than random rows would (a Poisson tail below 1e-9).
 CHANCE_PAIRS = 1e-3
 
 

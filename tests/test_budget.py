@@ -77,6 +77,9 @@ def test_thread_policy_shares_the_cores(monkeypatch):
         torch.set_num_threads(before)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert budget.threads_for() == 2 and budget.threads_for(2) == 1
+    assert budget.threads_for(batched=False) == 1 and budget.threads_for(2, batched=False) == 1
+    with pytest.raises(TypeError, match="batched must be True"):
+        budget.threads_for(1, batched="yes")
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises((TypeError, ValueError), match="processes"):
             budget.threads_for(bad)
