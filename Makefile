@@ -86,13 +86,14 @@ test-notebooks: export DLGKIT_PROGRESS = 0
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest $(NBVAL) book solutions
 
-## test-gpu: execute every notebook at the full budget (on CUDA when present); executed
-## copies and a per-notebook timing table land in _build/executed
+## test-gpu: every notebook under nbval at the full budget (on CUDA when present): a cell that
+## raises or an assert that fails fails the run; scripts/nbval_keep.py keeps the executed copies
+## and a per-notebook timing table (_build/executed/timings.md)
 test-gpu: export DLGKIT_QUICK = 0
 test-gpu: export DLGKIT_PROGRESS = 0
 test-gpu: $(STAMP)
 	mkdir -p _build
-	set -o pipefail; $(BIN)/python scripts/run_notebooks.py --out _build/executed book solutions | tee _build/gpu-timings.txt
+	PYTHONPATH=scripts $(BIN)/python -m pytest $(NBVAL) -p nbval_keep --keep-executed _build/executed book solutions
 
 ## test-device: every notebook (quick budget) on the simulated GPU of tests/support/simulated_cuda.py,
 ## which fails wherever a chapter would mix CPU and CUDA tensors; for machines without a GPU.

@@ -11,7 +11,8 @@ iterations, the thread count and the load average before and after.
 
 Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vectorised.md``);
 ``--threads 1,2`` repeats the faces at each thread count (the thread policy);
-``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
+``--batch 4 --n 4`` runs 4 batches of 4 faces instead (chapter 3's attack; writes
+``vectorised_batch.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
 another against ``reconstruct_fedavg_many``; writes ``vectorised_fedavg.md``);
 ``DLGKIT_DEVICE=cuda python benchmarks/vectorised.py --quick`` on a GPU (4 images per set, 40
 iterations; writes ``vectorised_quick.md``).
@@ -125,15 +126,62 @@ def fedavg(threads: list[int]) -> None:
     print(f"wrote {write_table('vectorised_fedavg', 'FedAvg-aware attacks: sequential against vectorised (9 updates)', lines, note)}")
 
 
+def batches(count: int, size: int, threads: list[int]) -> None:
+    """Chapter 3's setting: ``count`` batches of ``size`` LFW faces (distinct random labels, 100
+    classes, the batches of ``benchmarks/image_attacks.py``), each on its own LeNet (seed = batch),
+    labels by the count rule, ``RECOMMENDED_BATCH`` (TV prior); one batch after another against
+    all batches as one problem, at each thread count."""
+    faces, _ = data.lfw_faces(100, size=32)
+    problems_, truths = [], []
+    for b in range(count):
+        gen = torch.Generator().manual_seed(10_000 + 100 * size + b)
+        idx = torch.randperm(len(faces), generator=gen)[:size]
+        y = torch.randperm(100, generator=gen)[:size]
+        net = models.LeNet(channels=1, num_classes=100, image_size=32, seed=b)
+        problems_.append((net, federated.client_gradient(net, faces[idx], y)))
+        truths.append((faces[idx], y))
+    config = attacks.RECOMMENDED_BATCH
+    shape = (size, 1, 32, 32)
+    lines = ["| threads | path | total wall time (s) | speed-up | mean aligned PSNR (dB) | worst batch (dB) | batches >= 25 dB | label accuracy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print(f"# {count} batches of {size} faces, sequential vs vectorised, load {load()}\n" + "\n".join(lines))
+    loads, start = [load()], time.perf_counter()
+    for t in threads:
+        torch.set_num_threads(t)
+        timed = {}
+        for path in ("sequential", "vectorised") if t == threads[0] else ("vectorised", "sequential"):
+            begin = time.perf_counter()
+            if path == "sequential":
+                results = [attacks.reconstruct(net, g, shape, config, seed=b, progress=False, history_every=None) for b, (net, g) in enumerate(problems_)]
+            else:
+                results = reconstruct_many([net for net, _ in problems_], [g for _, g in problems_], shape, config, seeds=list(range(count)),
+                                           progress=False, history_every=None)
+            reports = [r.report(x, y) for r, (x, y) in zip(results, truths)]
+            timed[path] = (time.perf_counter() - begin, reports)
+        for path in ("sequential", "vectorised"):
+            wall, reports = timed[path]
+            psnrs = [r.psnr for r in reports]
+            lines.append(f"| {t} | {path} | {wall:.1f} | {timed['sequential'][0] / wall:.2f}x | {statistics.mean(psnrs):.1f} | {min(psnrs):.1f} | "
+                         f"{sum(p >= 25 for p in psnrs)}/{count} | {statistics.mean(r.label_set_accuracy for r in reports):.0%} |")
+            print(lines[-1], flush=True)
+        loads.append(load())
+    note = (f"`RECOMMENDED_BATCH`, batches of {size}, CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+            f"Load average (1, 5, 15 min) before the run and after each thread count: {' / '.join(loads)}. {time.perf_counter() - start:.0f} s in all.")
+    print(f"wrote {write_table('vectorised_batch', f'Batch attacks: sequential against vectorised ({count} batches of {size})', lines, note)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="images per set (default 20)")
     parser.add_argument("--fedavg", action="store_true", help="chapter 6's 9 FedAvg updates instead (writes vectorised_fedavg.md)")
+    parser.add_argument("--batch", type=int, default=0, metavar="SIZE", help="--n batches of SIZE faces instead (chapter 3; writes vectorised_batch.md)")
     parser.add_argument("--quick", action="store_true", help="4 images per set and 40 iterations (about 90 s on one GPU)")
     parser.add_argument("--threads", default="1", help="comma-separated torch thread counts; the faces are repeated at each after the first")
     args = parser.parse_args()
     if args.fedavg:
         return fedavg([int(t) for t in args.threads.split(",")])
+    if args.batch:
+        return batches(args.n, args.batch, [int(t) for t in args.threads.split(",")])
     device = budget.default_device()
     budget.seed_everything(0)  # full float32 precision on a GPU (no TF32)
     n = 4 if args.quick else args.n

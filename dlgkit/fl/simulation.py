@@ -47,9 +47,12 @@ def simulate(settings: FLSettings, num_clients: int = 2, num_rounds: int = 1, on
 def run_offline(server_app: ServerApp, client: ClientApp, num_supernodes: int, quiet: bool = True) -> None:
     """Run ``server_app`` against ``num_supernodes`` simulated nodes of ``client`` in Flower's
     simulation engine, offline, one CPU per node (Flower's default asks for two); ``quiet``
-    keeps Flower's log to errors while it runs. Used by chapter 6's and chapter 7's runs."""
+    keeps Flower's log to errors while it runs and Ray's workers' log lines out of the output. Used by chapter 6's and chapter 7's runs."""
     with flower_log(quiet):
-        run_simulation(server_app=server_app, client_app=client, num_supernodes=num_supernodes, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}})
+        # quiet: Ray does not forward its workers' log lines (e.g. "Manually terminating
+        # ClientAppActor" when the run ends) into the notebook; Flower still reports a failed client
+        backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"log_to_driver": not quiet}}
+        run_simulation(server_app=server_app, client_app=client, num_supernodes=num_supernodes, backend_config=backend)
 
 
 @contextlib.contextmanager
