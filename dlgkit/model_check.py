@@ -77,10 +77,11 @@ def inspect_model(model: nn.Module, parallel_cosine: float = 0.9999, min_paralle
             skipped.append(f"{name or 'model'}: rows in {layer.in_features} dimensions are parallel by chance too "
                            f"({chance:.2g} pairs expected among {layer.out_features} random rows), so parallel rows prove nothing here.")
         elif group >= min_parallel and chance >= CHANCE_PAIRS:
-            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}), {pairs} parallel pairs where "
+            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows point the same way (cosine >= {cos_min}), {pairs} parallel pairs where "
                            f"random rows in {layer.in_features} dimensions give about {chance:.2g}: far more than chance (an imprint layer repeats one row with many biases).")
         elif group >= min_parallel:
-            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows are parallel (cosine >= {cos_min}); an honest layer has none (an imprint layer repeats one row with many biases).")
+            reasons.append(f"{name or 'model'}: {group} of {layer.out_features} rows point the same way (cosine >= {cos_min}); an honest layer has none "
+                           "(a planted layer repeats one row: an imprint layer's measuring rows, or a back layer that copies one value into every output).")
         if layer.out_features >= min_rows:
             pos, neg = w.clamp_min(0).sum(1), -w.clamp_max(0).sum(1)
             ratio = pos / neg.clamp_min(1e-300)

@@ -137,7 +137,7 @@ def test_inspection_flags_planted_models_and_passes_honest_ones(faces):
     assert not inspect_model(_lenet())
     assert not inspect_model(nn.Sequential(nn.Linear(1024, 1000), nn.ReLU(), nn.Linear(1000, 10)))
     imp = inspect_model(im.imprint_model(_lenet(), SHAPE, im.imprint_thresholds(x, 64)))
-    assert imp.suspicious and any("front: 64 of 64 rows are parallel" in r for r in imp.reasons)
+    assert imp.suspicious and any("front: 64 of 64 rows point the same way" in r for r in imp.reasons)
     tr = inspect_model(trap.trap_model(_lenet(), SHAPE, neurons=500))
     assert tr.suspicious and any("front: 100% of 500" in r and "trap" in r for r in tr.reasons)
 
@@ -177,7 +177,7 @@ def test_rows_that_are_all_one_row_are_flagged_even_in_few_dimensions():
             layer.weight.copy_(torch.randn(1, inputs, generator=g).expand(outputs, inputs))
         verdict = inspect_model(layer)
         assert verdict and not verdict.not_judged, (inputs, verdict)
-        assert f"{outputs} of {outputs} rows are parallel" in verdict.reasons[0] and "far more than chance" in verdict.reasons[0]
+        assert f"{outputs} of {outputs} rows point the same way" in verdict.reasons[0] and "far more than chance" in verdict.reasons[0]
     # random rows in 2 dimensions stay not judged and unflagged
     for _ in range(10):
         layer = nn.Linear(2, 256)
