@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,6 +82,26 @@ def load() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+def race(threads: list[int], run: Callable[[str], list], row: Callable[[int, str, float, float, list], str], lines: list[str]) -> list[str]:
+    """Time ``run("sequential")`` and ``run("vectorised")`` (each returns its per-problem scores)
+    at each thread count, alternating which goes first after the first count; append one table
+    row per path, ``row(threads, path, wall, sequential_wall, scores)``. Returns the load
+    averages before the run and after each thread count."""
+    loads = [load()]
+    for count in threads:
+        torch.set_num_threads(count)
+        timed = {}
+        for path in ("sequential", "vectorised") if count == threads[0] else ("vectorised", "sequential"):
+            begin = time.perf_counter()
+            scores = run(path)
+            timed[path] = (time.perf_counter() - begin, scores)
+        for path in ("sequential", "vectorised"):
+            lines.append(row(count, path, timed[path][0], timed["sequential"][0], timed[path][1]))
+            print(lines[-1], flush=True)
+        loads.append(load())
+    return loads
+
+
 def fedavg(threads: list[int]) -> None:
     """The setting of chapter 6's "Across rounds": 3 global models (seeds 0-2) x 3 clients of 4
     digits, each client's FedAvg update after E = 4 local SGD steps (lr 0.1, mini-batches of 2);
@@ -103,23 +124,20 @@ def fedavg(threads: list[int]) -> None:
     kwargs = dict(local_steps=settings.local_steps, local_lr=settings.lr, batch_size=settings.batch_size, history_every=None, progress=False)
     lines = ["| threads | path | total wall time (s) | speed-up | median PSNR (dB) | lowest PSNR (dB) | updates >= 30 dB |", "| --- | --- | --- | --- | --- | --- | --- |"]
     print(f"# FedAvg-aware attacks on 9 updates, sequential vs vectorised, load {load()}\n" + "\n".join(lines))
-    loads, start = [load()], time.perf_counter()
-    for count in threads:
-        torch.set_num_threads(count)
-        timed = {}
-        for path in ("sequential", "vectorised") if count == threads[0] else ("vectorised", "sequential"):
-            begin = time.perf_counter()
-            if path == "sequential":
-                results = [fa.reconstruct_fedavg(net, u, x.shape, config, labels=y, seed=0, **kwargs) for net, u, x, y in zip(nets, updates, xs, ys)]
-            else:
-                results = fa.reconstruct_fedavg_many(nets, updates, xs[0].shape, config, labels=ys, seeds=0, **kwargs)
-            timed[path] = (time.perf_counter() - begin, [r.report(x, y).psnr for r, x, y in zip(results, xs, ys)])
-        for path in ("sequential", "vectorised"):
-            wall, psnrs = timed[path]
-            lines.append(f"| {count} | {path} | {wall:.1f} | {timed['sequential'][0] / wall:.2f}x | {statistics.median(psnrs):.1f} | {min(psnrs):.1f} | "
-                         f"{sum(p >= SUCCESS_PSNR for p in psnrs)} of {len(psnrs)} |")
-            print(lines[-1], flush=True)
-        loads.append(load())
+    start = time.perf_counter()
+
+    def run(path: str) -> list[float]:
+        if path == "sequential":
+            results = [fa.reconstruct_fedavg(net, u, x.shape, config, labels=y, seed=0, **kwargs) for net, u, x, y in zip(nets, updates, xs, ys)]
+        else:
+            results = fa.reconstruct_fedavg_many(nets, updates, xs[0].shape, config, labels=ys, seeds=0, **kwargs)
+        return [r.report(x, y).psnr for r, x, y in zip(results, xs, ys)]
+
+    def row(count: int, path: str, wall: float, sequential: float, psnrs: list[float]) -> str:
+        return (f"| {count} | {path} | {wall:.1f} | {sequential / wall:.2f}x | {statistics.median(psnrs):.1f} | {min(psnrs):.1f} | "
+                f"{sum(p >= SUCCESS_PSNR for p in psnrs)} of {len(psnrs)} |")
+
+    loads = race(threads, run, row, lines)
     note = (f"Chapter 6's across-rounds setting (3 fresh global models instead of 3 trained rounds), CPU, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Load average (1, 5, 15 min) before the run and after each thread count: "
             f"{' / '.join(loads)}. {time.perf_counter() - start:.0f} s in all.")
@@ -145,26 +163,22 @@ def batches(count: int, size: int, threads: list[int]) -> None:
     lines = ["| threads | path | total wall time (s) | speed-up | mean aligned PSNR (dB) | worst batch (dB) | batches >= 25 dB | label accuracy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     print(f"# {count} batches of {size} faces, sequential vs vectorised, load {load()}\n" + "\n".join(lines))
-    loads, start = [load()], time.perf_counter()
-    for t in threads:
-        torch.set_num_threads(t)
-        timed = {}
-        for path in ("sequential", "vectorised") if t == threads[0] else ("vectorised", "sequential"):
-            begin = time.perf_counter()
-            if path == "sequential":
-                results = [attacks.reconstruct(net, g, shape, config, seed=b, progress=False, history_every=None) for b, (net, g) in enumerate(problems_)]
-            else:
-                results = reconstruct_many([net for net, _ in problems_], [g for _, g in problems_], shape, config, seeds=list(range(count)),
-                                           progress=False, history_every=None)
-            reports = [r.report(x, y) for r, (x, y) in zip(results, truths)]
-            timed[path] = (time.perf_counter() - begin, reports)
-        for path in ("sequential", "vectorised"):
-            wall, reports = timed[path]
-            psnrs = [r.psnr for r in reports]
-            lines.append(f"| {t} | {path} | {wall:.1f} | {timed['sequential'][0] / wall:.2f}x | {statistics.mean(psnrs):.1f} | {min(psnrs):.1f} | "
-                         f"{sum(p >= 25 for p in psnrs)}/{count} | {statistics.mean(r.label_set_accuracy for r in reports):.0%} |")
-            print(lines[-1], flush=True)
-        loads.append(load())
+    start = time.perf_counter()
+
+    def run(path: str) -> list:
+        if path == "sequential":
+            results = [attacks.reconstruct(net, g, shape, config, seed=b, progress=False, history_every=None) for b, (net, g) in enumerate(problems_)]
+        else:
+            results = reconstruct_many([net for net, _ in problems_], [g for _, g in problems_], shape, config, seeds=list(range(count)),
+                                       progress=False, history_every=None)
+        return [r.report(x, y) for r, (x, y) in zip(results, truths)]
+
+    def row(t: int, path: str, wall: float, sequential: float, reports: list) -> str:
+        psnrs = [r.psnr for r in reports]
+        return (f"| {t} | {path} | {wall:.1f} | {sequential / wall:.2f}x | {statistics.mean(psnrs):.1f} | {min(psnrs):.1f} | "
+                f"{sum(p >= 25 for p in psnrs)}/{count} | {statistics.mean(r.label_set_accuracy for r in reports):.0%} |")
+
+    loads = race(threads, run, row, lines)
     note = (f"`RECOMMENDED_BATCH`, batches of {size}, CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
             f"Load average (1, 5, 15 min) before the run and after each thread count: {' / '.join(loads)}. {time.perf_counter() - start:.0f} s in all.")
     print(f"wrote {write_table('vectorised_batch', f'Batch attacks: sequential against vectorised ({count} batches of {size})', lines, note)}")

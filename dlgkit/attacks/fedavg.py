@@ -106,6 +106,15 @@ def naive_gradient(update: Sequence[torch.Tensor], local_steps: int, local_lr: f
     return [-u.detach() / (local_steps * local_lr) for u in update]
 
 
+def _unit_update(name: str, update: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """``update`` divided by its norm, and the norm (summed in float64): the FedAvg-aware attack
+    matches the unit update, so that its distances start near 1 as for a gradient."""
+    scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
+    if scale == 0.0:
+        raise ValueError(f"{name} is all zeros: the client did not move (no data, or local_lr too small); there is nothing to attack.")
+    return [u / scale for u in update], scale
+
+
 def reconstruct_fedavg(
     model: nn.Module,
     update: Sequence[torch.Tensor],
@@ -145,11 +154,8 @@ def reconstruct_fedavg(
     if attack == "naive":
         target, observe = naive_gradient(update, local_steps, local_lr), gradient_observation
     else:
-        scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
-        if scale == 0.0:
-            raise ValueError("update is all zeros: the client did not move (no data, or local_lr too small); there is nothing to attack.")
+        target, scale = _unit_update("update", update)
         replay = fedavg_observation(local_steps, local_lr, batch_size)
-        target = [u / scale for u in update]
 
         def observe(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
             return [u / scale for u in replay(m, x, y)]
@@ -197,10 +203,8 @@ def reconstruct_fedavg_many(
     for i, update in enumerate(updates):
         update = check_target(f"updates[{i}]", update)
         _check_floating(f"updates[{i}]", update)
-        scale = float(torch.sqrt(sum(u.double().square().sum() for u in update)))
-        if scale == 0.0:
-            raise ValueError(f"updates[{i}] is all zeros: that client did not move (no data, or local_lr too small); there is nothing to attack.")
-        targets.append([u / scale for u in update])
+        target, scale = _unit_update(f"updates[{i}]", update)
+        targets.append(target)
         scales.append(scale)
     return _reconstruct_many(models, targets, shape, config, labels=labels, num_classes=None, seeds=seeds, history_every=history_every,
                              check_every=check_every, progress=progress, observe=observe, scales=scales)

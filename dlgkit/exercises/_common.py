@@ -15,12 +15,12 @@ How a check grades the student and not the library:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import numbers
 import secrets
 import sys
-import ctypes
 import threading
 import time
 import traceback
