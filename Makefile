@@ -72,7 +72,10 @@ test: export DLGKIT_QUICK = 1
 test: export DLGKIT_PROGRESS = 0
 test: $(STAMP) $(JS_STAMP)
 	$(BIN)/python scripts/make_exercises.py --check
-	$(BIN)/python -m pytest tests --ignore=tests/built_book --durations=20
+	# the unit tests on every core, one torch thread per worker (budget.threads_for: two processes
+	# with 2 threads each on 2 cores run 5-6x slower); the Flower tests (Ray, a deployment engine on
+	# localhost) share one worker (xdist_group "flower")
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/built_book --durations=20 -n auto --dist loadgroup
 	# the book build executes every chapter and solution notebook (allow_errors: false, so a
 	# failing cell or assert fails the build): a separate nbval pass would run them all twice
 	rm -rf _build/html

@@ -2,15 +2,16 @@
 
 For the first ``--n`` LFW faces (32x32, grey) and ``--n`` random 32x32 crops of scikit-image's
 colour photos, each on its own freshly initialised LeNet (seed = index), the recommended
-attack (:data:`dlgkit.attacks.RECOMMENDED`) runs twice in the same process: sequentially
+attack (:data:`dlgkit.attacks.RECOMMENDED`) runs in one process sequentially
 (``attacks.reconstruct`` in a loop) and vectorised (one ``attacks.vectorised.reconstruct_many``
-call per set). The order alternates (faces: sequential first; crops: vectorised first) so that
-a change of the machine's load during the run does not favour one path. Reported: total wall
+call per set). The order of the runs turns round between the sets (faces: sequential first;
+crops: sequential last) so that a change of the machine's load does not favour one path. Reported: total wall
 time per path, success rate (PSNR >= 30 dB), median and mean PSNR, label accuracy, median
 iterations, the thread count and the load average before and after.
 
 Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vectorised.md``);
-``--threads 1,2`` repeats the faces at each thread count (the thread policy);
+by default the sequential path runs at 1 thread and the vectorised one at 1 thread and at every
+core (the thread policy, ``budget.threads_for``); ``--threads 1,2`` runs every path at each count instead;
 ``--batch 4 --n 4`` runs 4 batches of 4 faces instead (chapter 3's attack; writes
 ``vectorised_batch.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
 another against ``reconstruct_fedavg_many``; writes ``vectorised_fedavg.md``);
@@ -190,51 +191,58 @@ def main() -> None:
     parser.add_argument("--fedavg", action="store_true", help="chapter 6's 9 FedAvg updates instead (writes vectorised_fedavg.md)")
     parser.add_argument("--batch", type=int, default=0, metavar="SIZE", help="--n batches of SIZE faces instead (chapter 3; writes vectorised_batch.md)")
     parser.add_argument("--quick", action="store_true", help="4 images per set and 40 iterations (about 90 s on one GPU)")
-    parser.add_argument("--threads", default="1", help="comma-separated torch thread counts; the faces are repeated at each after the first")
+    parser.add_argument("--threads", default="", help="comma-separated torch thread counts for every path (default: the thread policy, "
+                        "budget.threads_for: sequential at 1, vectorised at 1 and at every core); --fedavg and --batch default to 1")
     args = parser.parse_args()
+    counts = [int(t) for t in (args.threads or "1").split(",")]
     if args.fedavg:
-        return fedavg([int(t) for t in args.threads.split(",")])
+        return fedavg(counts)
     if args.batch:
-        return batches(args.n, args.batch, [int(t) for t in args.threads.split(",")])
+        return batches(args.n, args.batch, counts)
     device = budget.default_device()
     budget.seed_everything(0)  # full float32 precision on a GPU (no TF32)
     n = 4 if args.quick else args.n
     config = attacks.RECOMMENDED.with_(iterations=40) if args.quick else attacks.RECOMMENDED
-    threads = [int(t) for t in args.threads.split(",")]
-    torch.set_num_threads(threads[0])
+    # each path at the thread counts asked for (default: the thread policy's, budget.threads_for:
+    # 1 for one attack at a time, every core for the batched engine) and the vectorised path at 1
+    # thread too (the same-thread comparison); the order turns round between the sets so that a
+    # change of the machine's load does not favour one path
+    seq_threads = [int(t) for t in args.threads.split(",")] if args.threads else [budget.threads_for(batched=False)]
+    vec_threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, budget.threads_for(batched=True)})
+    runs = [("sequential", t) for t in seq_threads] + [("vectorised", t) for t in vec_threads]
     num_classes = 100
     faces, face_labels = data.lfw_faces(n, size=32, num_classes=num_classes)
     crops, crop_labels = data.photo_crops(n, size=32, num_classes=num_classes)
-    sets = [("LFW faces (grey)", faces, face_labels, ("sequential", "vectorised")), ("photo crops (colour)", crops, crop_labels, ("vectorised", "sequential"))]
+    sets = [("LFW faces (grey)", faces, face_labels, runs), ("photo crops (colour)", crops, crop_labels, runs[::-1])]
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"# sequential vs vectorised: {n} images per set, LeNet 32x32, {device} ({card}), {torch.get_num_threads()} thread(s), load {load()}")
+    base = runs[0]
+    print(f"# sequential vs vectorised: {n} images per set, LeNet 32x32, {device} ({card}), runs {runs}, load {load()}")
     lines = [f"| set | path | threads | total wall time (s) | speed-up | success (PSNR >= {SUCCESS_PSNR:.0f} dB) | median PSNR (dB) | mean PSNR (dB) | label accuracy | median iterations | restarts used |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines))
     loads = [load()]
-    total = {"sequential": 0.0, "vectorised": 0.0}
+    total = {run: 0.0 for run in runs}
     start = time.perf_counter()
-    runs = [(name, x, y, order, threads[0]) for name, x, y, order in sets] + [(sets[0][0], faces, face_labels, sets[0][3], t) for t in threads[1:]]
-    for name, x, y, order, count in runs:
-        torch.set_num_threads(count)
+    for name, x, y, order in sets:
         nets, grads = problems(x.to(device), y.to(device), num_classes, device)
-        timed = {path: solve(path, nets, grads, x.to(device), config, device) for path in order}
-        for path in ("sequential", "vectorised"):
-            s = summary(timed[path]["results"], x, y)
-            wall = timed[path]["wall"]
-            if count == threads[0]:
-                total[path] += wall
-            speed = timed["sequential"]["wall"] / wall
-            lines.append(f"| {name} | {path} | {count} | {wall:.1f} | {speed:.2f}x | {s['success']:.0%} | {s['median_psnr']:.1f} | {s['mean_psnr']:.1f} | "
-                         f"{s['label_acc']:.0%} | {s['median_iters']:.0f} | {s['restarts']} |")
+        timed = {}
+        for path, count in order:
+            torch.set_num_threads(count)
+            timed[(path, count)] = solve(path, nets, grads, x.to(device), config, device)
+            total[(path, count)] += timed[(path, count)]["wall"]
+        for path, count in runs:
+            s = summary(timed[(path, count)]["results"], x, y)
+            wall = timed[(path, count)]["wall"]
+            lines.append(f"| {name} | {path} | {count} | {wall:.1f} | {timed[base]['wall'] / wall:.2f}x | {s['success']:.0%} | {s['median_psnr']:.1f} | "
+                         f"{s['mean_psnr']:.1f} | {s['label_acc']:.0%} | {s['median_iters']:.0f} | {s['restarts']} |")
             print(lines[-1], flush=True)
         loads.append(load())
-    torch.set_num_threads(threads[0])
-    lines.append(f"| both sets | sequential | {threads[0]} | {total['sequential']:.1f} | 1.00x | | | | | | |")
-    lines.append(f"| both sets | vectorised | {threads[0]} | {total['vectorised']:.1f} | {total['sequential'] / total['vectorised']:.2f}x | | | | | | |")
-    print("\n".join(lines[-2:]))
+    for path, count in runs:
+        lines.append(f"| both sets | {path} | {count} | {total[(path, count)]:.1f} | {total[base] / total[(path, count)]:.2f}x | | | | | | |")
+    print("\n".join(lines[-len(runs):]))
     note = (f"{n} images per set, attack `RECOMMENDED{'.with_(iterations=40)' if args.quick else ''}`, device {device} ({card}), "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Load average (1, 5, 15 min) before the run and after each set: "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; speed-ups against the sequential path at {base[1]} thread(s). "
+            f"Load average (1, 5, 15 min) before the run and after each set: "
             f"{' / '.join(loads)} (`uptime`; the machine's cores are shared). {time.perf_counter() - start:.0f} s in all.")
     path = write_table("vectorised_quick" if args.quick else "vectorised", "Image attacks: sequential against vectorised (single-image table)", lines, note)
     print(f"wrote {path}")

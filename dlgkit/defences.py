@@ -540,6 +540,18 @@ def attack_defended(
     if adaptive and not isinstance(defence, Prune):
         raise ValueError(f"adaptive=True is the pruning-aware attack; it needs a pruning defence, got {defence.kind!r}.")
     seed = check_seed("seed", seed)
+    shared, clean, attack = _defended_share(model, x, y, defence, attack, seed, local_lr)
+    if not any(bool(t.any()) for t in shared):  # e.g. prune 1.0: nothing to attack, no score
+        return _nothing_to_attack(x, shared, clean)
+    target_model = PruningAwareModel(model, shared) if adaptive else model
+    result = reconstruct(target_model, shared, tuple(x.shape), attack, labels=y, seed=seed, history_every=None, progress=False)
+    return _scored(result, x, y, shared, clean)
+
+
+def _defended_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, defence: "Defence", attack: AttackConfig, seed: int,
+                    local_lr: float) -> tuple[list[torch.Tensor], list[torch.Tensor], AttackConfig]:
+    """What the client shares through ``defence`` (seeded by ``seed``), the undefended signal it
+    is compared with, and the attack settings for it (the defence's distance, if it names one)."""
     generator = torch.Generator().manual_seed(seed)
     with grads_restored(model):
         if isinstance(defence, DPSGD):
@@ -549,11 +561,15 @@ def attack_defended(
         shared = defence.share(model, x, y, generator=generator, local_lr=local_lr)
     if defence.attack_distance is not None:
         attack = attack.with_(distance=defence.attack_distance)
-    if not any(bool(t.any()) for t in shared):  # e.g. prune 1.0: nothing to attack, no score
-        return {"psnr": math.nan, "ssim": math.nan, "relative_change": relative_change(shared, clean), "iterations": 0,
-                "wall_time": 0.0, "status": "nothing to attack", "reconstruction": torch.zeros_like(x).cpu()}
-    target_model = PruningAwareModel(model, shared) if adaptive else model
-    result = reconstruct(target_model, shared, tuple(x.shape), attack, labels=y, seed=seed, history_every=None, progress=False)
+    return shared, clean, attack
+
+
+def _nothing_to_attack(x: torch.Tensor, shared: list[torch.Tensor], clean: list[torch.Tensor]) -> dict:
+    return {"psnr": math.nan, "ssim": math.nan, "relative_change": relative_change(shared, clean), "iterations": 0,
+            "wall_time": 0.0, "status": "nothing to attack", "reconstruction": torch.zeros_like(x).cpu()}
+
+
+def _scored(result, x: torch.Tensor, y: torch.Tensor, shared: list[torch.Tensor], clean: list[torch.Tensor]) -> dict:
     report = result.report(x, y)
     return {
         "psnr": report.psnr,
@@ -564,6 +580,40 @@ def attack_defended(
         "status": result.status,
         "reconstruction": result.reconstruction.detach().clamp(0, 1).cpu(),
     }
+
+
+def _attack_all(models: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, defences: list["Defence"], attack: AttackConfig,
+                local_lr: float) -> tuple[list[list[dict]], list[float]]:
+    """:func:`attack_defended` on every image through every defence (image ``i`` through
+    ``models[i]``, seed ``i``), the attacks that share their settings solved as one problem by
+    :func:`dlgkit.attacks.vectorised.reconstruct_many`. Returns the runs of each defence and
+    its share of the wall time (the time of each batched call split evenly over its problems)."""
+    import time
+
+    from dlgkit.attacks.vectorised import reconstruct_many
+
+    runs: list[list[dict | None]] = [[None] * len(models) for _ in defences]
+    times = [0.0] * len(defences)
+    groups: dict[AttackConfig, list[tuple[int, int, list[torch.Tensor], list[torch.Tensor]]]] = {}
+    for k, defence in enumerate(defences):
+        start = time.perf_counter()
+        for i, model in enumerate(models):
+            shared, clean, config = _defended_share(model, images[i : i + 1], labels[i : i + 1], defence, attack, i, local_lr)
+            if any(bool(t.any()) for t in shared):
+                groups.setdefault(config, []).append((k, i, shared, clean))
+            else:
+                runs[k][i] = _nothing_to_attack(images[i : i + 1], shared, clean)
+        times[k] += time.perf_counter() - start
+    for config, members in groups.items():
+        start = time.perf_counter()
+        results = reconstruct_many([models[i] for _, i, _, _ in members], [shared for _, _, shared, _ in members], (1, *images.shape[1:]), config,
+                                   labels=[labels[i : i + 1] for _, i, _, _ in members], seeds=[i for _, i, _, _ in members],
+                                   history_every=None, progress=False)
+        share = (time.perf_counter() - start) / len(members)
+        for (k, i, shared, clean), result in zip(members, results):
+            runs[k][i] = _scored(result, images[i : i + 1], labels[i : i + 1], shared, clean)
+            times[k] += share
+    return runs, times
 
 
 @dataclass
@@ -649,7 +699,7 @@ def train_with_defence(
 def privacy_accuracy_sweep(
     defences: Sequence[Defence], images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig = DEFENDED_ATTACK.with_(iterations=60),
     train_steps: int = 300, adaptive: bool = True, num_classes: int = 100, progress: bool | None = None,
-    device: str | torch.device | None = None, local_lr: float = 1.0,
+    device: str | torch.device | None = None, local_lr: float = 1.0, vectorised: bool = True,
 ) -> list[dict]:
     """Both sides of the trade-off for every defence: the attack on each image of ``images``
     (one at a time, each through its own fresh paper LeNet with ``num_classes`` classes, seeded
@@ -664,6 +714,15 @@ def privacy_accuracy_sweep(
     below :data:`~dlgkit.checks.STOPPED_PSNR`), the ``reconstructions`` (N, C, H, W, on the
     CPU), wall times, and for pruning with ``adaptive=True`` also ``adaptive_psnr``. Models and
     data go to ``device`` (default :func:`dlgkit.budget.default_device`).
+
+    With ``vectorised=True`` (the default) the attacks of every defence on every image that
+    share their settings run as one problem (:func:`dlgkit.attacks.vectorised.reconstruct_many`;
+    DP-SGD's cosine attacks form a second one, and the pruning-aware attacks stay one at a
+    time); a row's ``attack_time`` is then its share of the batched time. ``False`` runs
+    :func:`attack_defended` image by image. Same settings, same seeds; the batched L-BFGS
+    differs from PyTorch's in its line search (see
+    :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), so single runs differ within the spread
+    of the attack (compared in ``benchmarks/defences.py --compare``).
     Defined in :doc:`/book/05_defences`.
     """
     import time
@@ -685,19 +744,27 @@ def privacy_accuracy_sweep(
         raise ValueError(f"images must be a non-empty (N, C, H, W) batch with one label each, got {got} and {len(labels)} labels.")
     check_unit_range("images", images)
     check_positive_int("train_steps", train_steps, hint="It is the number of training steps behind the accuracy column.")
+    if not isinstance(vectorised, bool):
+        raise TypeError(f"vectorised must be True (the images' attacks as one problem) or False (one at a time), got {vectorised!r}.")
     device = resolve_device(device)
     images, labels = images.to(device), labels.to(device)
     rows = []
-    for defence in tqdm(list(defences), desc="defences", disable=not progress_enabled(progress), leave=False):
+    nets = [LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i).to(device) for i in range(len(images))]
+    if vectorised:
+        batched_runs, batched_times = _attack_all(nets, images, labels, defences, attack, local_lr)
+    for k, defence in enumerate(tqdm(defences, desc="defences", disable=not progress_enabled(progress), leave=False)):
         start = time.perf_counter()
         runs, adaptive_runs = [], []
-        for i in range(len(images)):
-            model = LeNet(channels=images.shape[1], num_classes=num_classes, image_size=images.shape[-1], seed=i).to(device)
+        if vectorised:
+            runs = batched_runs[k]
+        for i, model in enumerate(nets):
             x, y = images[i : i + 1], labels[i : i + 1]
-            runs.append(attack_defended(model, x, y, defence, attack, seed=i, local_lr=local_lr))
+            if not vectorised:
+                runs.append(attack_defended(model, x, y, defence, attack, seed=i, local_lr=local_lr))
             if adaptive and isinstance(defence, Prune):
                 adaptive_runs.append(attack_defended(model, x, y, defence, attack, seed=i, adaptive=True, local_lr=local_lr))
-        attack_time = time.perf_counter() - start
+        attack_time = time.perf_counter() - start + (batched_times[k] if vectorised else 0.0)
+        start = time.perf_counter()
         trained = train_with_defence(defence, steps=train_steps, device=device, local_lr=local_lr)
         psnr = sum(r["psnr"] for r in runs) / len(runs)
         row = {
@@ -714,7 +781,7 @@ def privacy_accuracy_sweep(
             "epsilon": trained.epsilon,
             "reconstructions": torch.cat([r["reconstruction"] for r in runs]),
             "attack_time": attack_time,
-            "train_time": time.perf_counter() - start - attack_time,
+            "train_time": time.perf_counter() - start,
         }
         if adaptive_runs:
             row["adaptive_psnr"] = sum(r["psnr"] for r in adaptive_runs) / len(adaptive_runs)

@@ -9,6 +9,9 @@ from dlgkit.fl import task
 from dlgkit.fl.arrays import parameter_names, record_to_tensors, tensors_to_record
 from flwr.app import Array, ArrayRecord
 
+# Ray and localhost servers: these tests share one xdist worker (make test runs -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("flower")
+
 
 def _model(seed=0):
     return task.make_model(task.FLSettings(seed=seed))

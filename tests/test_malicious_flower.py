@@ -8,6 +8,9 @@ from dlgkit.attacks import imprint as im
 from dlgkit.fl import task
 from dlgkit.fl.malicious import MaliciousFedAvg, planted_client_model, simulate_malicious
 
+# Ray and localhost servers: these tests share one xdist worker (make test runs -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("flower")
+
 
 def test_one_round_harvests_the_target_and_aggregates_the_others():
     settings = task.FLSettings(mode="fedsgd", examples_per_client=8, seed=0)

@@ -13,6 +13,9 @@ from dlgkit.federated import client_gradient
 from dlgkit.fl import task
 from dlgkit.fl.secagg import attack_aggregate, simulate_secagg
 
+# Ray and localhost servers: these tests share one xdist worker (make test runs -n auto --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("flower")
+
 N = 3
 
 

@@ -235,3 +235,117 @@ def test_placement_on_a_simulated_gpu(faces):
         assert simulated_cuda.cuda_share() > 0.9
     for a, b in zip(on_cpu, on_gpu):
         assert b.reconstruction.device.type == "cpu" and torch.equal(a.reconstruction, b.reconstruction)
+
+
+def _stack(nets, grads, y, config, shape=SHAPE, shared=False, joint=False):
+    """The engine's batched objective for these problems (as reconstruct_many builds it)."""
+    from dlgkit.attacks.vectorised import _Stack
+
+    template = nets[0]
+    if shared:
+        params = {k: v.detach() for k, v in template.named_parameters()}
+    else:
+        params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in nets]) for k, _ in template.named_parameters()}
+    target = [torch.stack([g[j] for g in grads]) for j in range(len(grads[0]))]
+    labels = torch.zeros((len(grads), shape[0]), dtype=torch.long) if joint else y
+    return _Stack(template, params, {}, shared, target, labels, shape, template.num_classes, joint, config)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("float64", [False, True])
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_factored_linear_head_is_the_plain_objective(distance, float64, joint):
+    """LeNet's head weight gradient is never formed (its distance is taken in factored form):
+    same value and same gradient with respect to the dummy as the plain objective, for one
+    image and for a batch of three, per-problem and shared models, near and far from the
+    answer."""
+    from dlgkit.attacks.vectorised import _linear_head
+
+    gen = torch.Generator().manual_seed(5)
+    config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-3)
+    for n, shared in ((1, False), (3, True)):
+        shape = (n, 1, 16, 16)
+        nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i) for i in range(4)]
+        if shared:
+            nets = [nets[0]] * 4
+        x = torch.rand((4, *shape), generator=gen)
+        y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
+        grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
+        stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+        assert _linear_head(nets[0], [k for k, _ in nets[0].named_parameters()]) and stack.head
+        extra = n * 10 if joint else 0
+        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
+        far = torch.rand(near.shape, generator=gen)
+        for z in (near, far):
+            g_plain, (v_plain, d_plain) = stack.batched[False](*stack._args(lambda t: t, z, head=False))
+            g_head, (v_head, d_head) = stack.batched[True](*stack._args(lambda t: t, z, head=True))
+            atol = 5e-7 if distance == "cosine" and not float64 else 1e-9  # a float32 cosine's own rounding
+            assert torch.allclose(d_head.double(), d_plain.double(), rtol=2e-4, atol=atol), (d_head, d_plain)
+            assert torch.allclose(v_head.double(), v_plain.double(), rtol=2e-4, atol=atol)
+            for a, b in zip(g_head, g_plain):
+                assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (a - b).norm() / b.norm()
+
+
+def test_the_linear_head_shortcut_is_used_only_where_it_holds(faces):
+    from dlgkit.attacks import vectorised
+    from dlgkit.attacks.vectorised import _linear_head
+
+    _, y, nets, grads = faces
+    names = [k for k, _ in nets[0].named_parameters()]
+    assert _linear_head(nets[0], names)
+    assert not _linear_head(models.ResNet(channels=1, num_classes=10, image_size=16), [k for k, _ in models.ResNet(channels=1, num_classes=10, image_size=16).named_parameters()])
+    assert not _linear_head(nets[0], names[:-1])  # the head's bias frozen
+
+    class Doubled(models.LeNet):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = [Doubled(channels=1, num_classes=10, image_size=16, seed=i) for i in range(3)]
+    assert not _linear_head(doubled[0], names)
+    # forced on for a model whose forward is not fc(body(x)): the check before the run finds the
+    # objectives differ and falls back to the plain one
+    d_grads = [federated.client_gradient(net, torch.rand(1, 1, 16, 16), y[i : i + 1]) for i, net in enumerate(doubled)]
+    original = vectorised._linear_head
+    vectorised._linear_head = lambda template, names: True
+    try:
+        stack = _stack(doubled, d_grads, y[:, None], attacks.RECOMMENDED)
+    finally:
+        vectorised._linear_head = original
+    assert not stack.head
+    assert _stack(nets, grads, y[:, None], attacks.RECOMMENDED).head
+
+
+def test_one_problem_alone_is_solved_as_in_the_batch(faces):
+    """A problem alone (the tail of a run) goes through the objective without vmap: the same
+    gradient and value as its row in a batched call."""
+    _, y, nets, grads = faces
+    stack = _stack(nets, grads, y[:, None], attacks.RECOMMENDED.with_(tv=1e-3))
+    z = torch.rand(3, 256, generator=torch.Generator().manual_seed(1))
+    everyone = torch.ones(3, dtype=torch.bool)
+    g_all, v_all, d_all = stack.evaluate(everyone, z)
+    for i in range(3):
+        mask = torch.zeros(3, dtype=torch.bool)
+        mask[i] = True
+        g, v, d = stack.evaluate(mask, z)
+        # up to float32 rounding (vmap runs the batched kernels, e.g. grouped convolutions)
+        assert float((g[i] - g_all[i]).norm()) <= 1e-5 * float(g_all[i].norm()) and math.isclose(v[i], v_all[i], rel_tol=1e-5)
+        assert math.isclose(d[i], d_all[i], rel_tol=1e-5)
+        others = [j for j in range(3) if j != i]
+        assert torch.isnan(g[others]).all() and torch.isnan(v[others]).all()
+
+
+def test_a_subset_of_problems_gets_its_own_rows(faces):
+    """Most rows asked (all are evaluated, the others dropped) or a few (their rows copied): the
+    asked rows get the values of a call on everyone, the others NaN."""
+    _, y, nets, grads = faces
+    order = [0, 1, 2, 0, 1, 2, 0]
+    stack = _stack([nets[i] for i in order], [grads[i] for i in order], y[order][:, None], attacks.RECOMMENDED)
+    z = torch.rand(7, 256, generator=torch.Generator().manual_seed(2))
+    g_all, v_all, _ = stack.evaluate(torch.ones(7, dtype=torch.bool), z)
+    for asked in ([0, 1, 2, 3, 4, 6], [1, 5]):
+        mask = torch.zeros(7, dtype=torch.bool)
+        mask[asked] = True
+        g, v, _ = stack.evaluate(mask, z)
+        assert float((g[mask] - g_all[mask]).norm()) <= 1e-5 * float(g_all[mask].norm())
+        assert torch.allclose(v[mask], v_all[mask], rtol=1e-5)
+        assert torch.isnan(g[~mask]).all() and torch.isnan(v[~mask]).all()

@@ -89,13 +89,21 @@ def _brightness_sample(generator: torch.Generator, n: int, low: float, high: flo
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64) ** gamma
 
 
+def _below(c: float, low: float, high: float, gamma: float) -> float:
+    """P(brightness <= c) for the brightness ``low + (high - low) * U ** gamma`` (U uniform)."""
+    if not c > low:
+        return 0.0
+    return min(1.0, ((c - low) / (high - low)) ** (1 / gamma))
+
+
 def check_imprint_thresholds(fn: Callable) -> bool:
     """Exercise 7.1: ``fn(public_brightness, bins)`` returns ``bins`` strictly increasing thresholds
     ``c_1 < ... < c_k`` (a tensor) that make the bins ``(c_i, c_{i+1}]`` and ``(c_k, inf)`` equally
     likely for the clients, whose brightness follows the same distribution as the public sample
     (20000 values in [0, 1]), with no client image below ``c_1``. Checked on 3 private, skewed
-    distributions against 200000 fresh draws: every bin's probability within 30% of ``1/k``, none
-    below ``c_1``. May use: torch, numpy (not dlgkit.attacks)."""
+    distributions against 200000 fresh draws: every bin's probability within 30% of ``1/k``; and
+    no probability at all below ``c_1`` (computed exactly from the distribution, so a ``c_1`` at the
+    public minimum fails every time). May use: torch, numpy (not dlgkit.attacks)."""
 
     def body() -> str:
         generator = fresh_generator()
@@ -110,11 +118,14 @@ def check_imprint_thresholds(fn: Callable) -> bool:
             _require(bool((got.diff() > 0).all()), "the thresholds must be strictly increasing (c_1 < c_2 < ...): neuron i fires above c_i, and the bins lie between consecutive thresholds.")
             fresh = _brightness_sample(generator, 200000, low, high, gamma)
             where = f"distribution {trial} ({bins} bins)"
-            dead = float((fresh <= got[0].double()).double().mean())
+            # the probability of a client's image at or below c_1, exact (the brightness is
+            # low + (high - low) * U ** gamma): a sample would miss a c_1 just above the lowest
+            # brightness (e.g. the public minimum) about one time in ten
+            dead = _below(float(got[0]), low, high, gamma)
             if dead > 0:
                 if abs(dead - 1 / bins) < 0.3 / bins:
                     raise ExerciseFailure(f"{where}: {dead:.1%} of the clients' images fall at or below c_1 and fire no neuron: about 1/k. You used the quantiles 1/k, ..., k/k; use 0, 1/k, ..., (k-1)/k, with c_1 below every image.")
-                raise ExerciseFailure(f"{where}: {dead:.2%} of the clients' images fall at or below c_1 and fire no neuron. c_1 must lie below every brightness a client can have (the public minimum is not enough: put c_1 below it).")
+                raise ExerciseFailure(f"{where}: {100 * dead:.2g}% of the clients' images fall at or below c_1 and fire no neuron. c_1 must lie below every brightness a client can have (the public minimum is not enough: put c_1 below it).")
             counts = torch.bincount(torch.bucketize(fresh, got.double()) - 1, minlength=bins).double()
             spread = float((counts / len(fresh) * bins - 1).abs().max())
             worst = max(worst, spread)
