@@ -16,7 +16,7 @@ problems, ``benchmarks/vectorised.py``):
 
 - the last layer's weight gradient is the largest tensor of the problem (100 x 768 per problem
   for LeNet on 32x32 images); for a model with a linear head the distance to it is taken in
-  factored form and the gradient is never formed (:class:`_Stack`);
+  factored form and the gradient is never formed (``_Stack``);
 - L-BFGS reads its history of 100 pairs twice per step; both products read it with unit stride
   (:class:`BatchedLBFGS`);
 - a call where most problems are asked evaluates them all instead of copying the asked rows'
@@ -406,7 +406,7 @@ def _linear_head(template: nn.Module, names: list[str]) -> bool:
     """Whether the model computes ``fc(body(x).flatten(1))`` with ``fc`` an ``nn.Linear`` whose
     weight and bias are trained, and nothing else trainable outside ``body`` (the paper's
     :class:`~dlgkit.models.LeNet`, not a subclass that changes ``forward``): then the last
-    layer's weight gradient need not be formed (see :class:`_Stack`)."""
+    layer's weight gradient need not be formed (see ``_Stack``)."""
     from dlgkit.models import LeNet
 
     if not isinstance(template, LeNet) or type(template).forward is not LeNet.forward or not isinstance(template.fc, nn.Linear):
@@ -420,7 +420,7 @@ def _linear_head(template: nn.Module, names: list[str]) -> bool:
 class _Stack:
     """The P problems as stacked tensors, and the batched objective over any subset of them.
 
-    For a model with a linear head (:func:`_linear_head`, e.g. LeNet) and the gradient as the
+    For a model with a linear head (``_linear_head``, e.g. LeNet) and the gradient as the
     observation, the head's weight gradient ``delta' h`` (``delta`` the loss's gradient at the
     logits, ``h`` the features; one row per example) is never formed: its distance to the
     target ``T`` is ``sum((delta delta') * (h h')) - 2 sum(delta * (h T')) + |T|^2`` (and its
