@@ -32,6 +32,7 @@ from dlgkit.budget import device_of, resolve_device
 from dlgkit.checks import (
     STOPPED_PSNR,
     SUCCESS_PSNR,
+    check_class_indices,
     check_nonnegative_int,
     check_positive_int,
     check_seed,
@@ -197,6 +198,8 @@ def dp_sgd_gradient(
     if not isinstance(expected, int) or isinstance(expected, bool) or expected <= 0:
         raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}.")
     device = device_of(model)
+    if isinstance(y, torch.Tensor) and y.dim() == 1:  # class indices as int64 (int32 or whole-number floats too)
+        y = check_class_indices("y", y)
     x, y = x.to(device), y.to(device)
     private = GradSampleModule(copy.deepcopy(model))
     optimizer = DPOptimizer(
@@ -739,6 +742,13 @@ def privacy_accuracy_sweep(
         raise TypeError("defences must be a non-empty list of dlgkit.defences.Defence objects, e.g. [Defence('none'), Defence('prune', 0.7)].")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}; use torch.tensor({labels!r}).")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor with one class index per image, got shape {tuple(labels.shape)}; e.g. torch.tensor([3]) for one image.")
+    labels = check_class_indices("labels", labels)  # int64: int32 or whole-number floats read as their values (the range is checked against the model)
+    if not isinstance(attack, AttackConfig):
+        raise TypeError(f"attack must be a dlgkit.attacks.AttackConfig (e.g. defences.DEFENDED_ATTACK.with_(iterations=60)), got {type(attack).__name__}.")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be True (also run the pruning-aware attack on pruned gradients) or False, got {adaptive!r}.")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0 or len(images) != len(labels):
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a non-empty (N, C, H, W) batch with one label each, got {got} and {len(labels)} labels.")

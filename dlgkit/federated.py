@@ -27,8 +27,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy that accepts class indices (N,) or probability rows (N, K); mean over N."""
-    if target.dim() == 1:
-        return F.cross_entropy(logits, target)
+    if target.dim() == 1:  # class indices: cross_entropy wants int64 (uint8, int16 and int32 indices are widened)
+        return F.cross_entropy(logits, target.long() if not target.is_floating_point() and target.dtype != torch.long else target)
     return torch.mean(torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1))
 
 
@@ -75,7 +75,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -
     if loss_fn is soft_cross_entropy:
         classes = logits.shape[-1]
         if y.dim() == 1:
-            check_class_indices("labels", y, classes)
+            y = check_class_indices("labels", y, classes).to(y.device)  # as int64: int32 or whole-number float indices were only checked
         elif y.shape[-1] != classes:
             raise ValueError(f"y holds probability rows over {y.shape[-1]} classes but the model has {classes} classes.")
     return loss_fn(logits, y)

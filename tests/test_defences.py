@@ -291,3 +291,18 @@ def test_the_vectorised_sweep_agrees_with_one_attack_at_a_time():
     assert math.isnan(pruned["psnr"]) and pruned["reconstructions"].abs().sum() == 0
     with pytest.raises(TypeError, match="vectorised"):
         defences.privacy_accuracy_sweep(wanted[:1], faces, labels, config, vectorised="yes", **kw)
+
+
+def test_the_sweep_explains_bad_settings_and_takes_labels_of_any_integer_type():
+    faces, _ = data.lfw_faces(1, size=16)
+    kw = dict(train_steps=1, num_classes=10, progress=False)
+    with pytest.raises(TypeError, match="attack must be a dlgkit.attacks.AttackConfig"):
+        defences.privacy_accuracy_sweep([Defence()], faces, torch.tensor([2]), {"iterations": 3}, **kw)
+    with pytest.raises(TypeError, match="adaptive must be True"):
+        defences.privacy_accuracy_sweep([Defence("prune", 0.5)], faces, torch.tensor([2]), attacks.AttackConfig(iterations=2), adaptive="no", **kw)
+    with pytest.raises(ValueError, match="1-D tensor with one class index per image"):
+        defences.privacy_accuracy_sweep([Defence()], faces, torch.tensor(2), attacks.AttackConfig(iterations=2), **kw)
+    # int32 and whole-number float class indices are read as their values, on both paths
+    rows = [defences.privacy_accuracy_sweep([Defence("dp_sgd", 1.0)], faces, labels, attacks.AttackConfig(iterations=2), vectorised=v, **kw)[0]
+            for labels in (torch.tensor([2]), torch.tensor([2], dtype=torch.int32), torch.tensor([2.0])) for v in (True, False)]
+    assert all(r["relative_change"] == pytest.approx(rows[0]["relative_change"]) for r in rows)

@@ -349,3 +349,18 @@ def test_a_subset_of_problems_gets_its_own_rows(faces):
         assert float((g[mask] - g_all[mask]).norm()) <= 1e-5 * float(g_all[mask].norm())
         assert torch.allclose(v[mask], v_all[mask], rtol=1e-5)
         assert torch.isnan(g[~mask]).all() and torch.isnan(v[~mask]).all()
+
+
+def test_a_frozen_head_weight_is_explained_for_idlg_labels(faces):
+    x, y, nets, grads = faces
+    frozen = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0)
+    frozen.fc.weight.requires_grad_(False)
+    g = federated.client_gradient(frozen, x[:1], y[:1].int())  # int32 labels are read as their values
+    assert len(g) == len(grads[0]) - 1
+    with pytest.raises(ValueError, match="weight is frozen"):
+        reconstruct_many([frozen], [g], SHAPE, attacks.RECOMMENDED.with_(iterations=2), progress=False)
+    with pytest.raises(ValueError, match="weight is frozen"):
+        attacks.reconstruct(frozen, g, SHAPE, attacks.RECOMMENDED.with_(iterations=2), progress=False)
+    # with the labels given, the attack runs (and skips the factored head: the head's weight is not in the gradient)
+    result = reconstruct_many([frozen], [g], SHAPE, attacks.RECOMMENDED.with_(iterations=2), labels=y[:1, None], progress=False)[0]
+    assert math.isfinite(result.final_loss)

@@ -30,6 +30,9 @@ def last_linear_layer(model: nn.Module) -> tuple[int, int | None]:
     if not linears:
         raise ValueError("the model has no nn.Linear layer, so the label cannot be read from its gradient.")
     last = linears[-1]
+    if id(last.weight) not in index:
+        raise ValueError("the last nn.Linear layer's weight is frozen (requires_grad=False), so the gradient holds no entry for it and the "
+                         "label cannot be read from it; unfreeze it, or pass the labels (or use config.with_(labels='joint')).")
     bias = index.get(id(last.bias)) if last.bias is not None else None
     return index[id(last.weight)], bias
 
