@@ -27,8 +27,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy that accepts class indices (N,) or probability rows (N, K); mean over N."""
-    if target.dim() == 1:  # class indices: cross_entropy wants int64 (uint8, int16 and int32 indices are widened)
-        return F.cross_entropy(logits, target.long() if not target.is_floating_point() and target.dtype != torch.long else target)
+    if target.dim() == 1:
+        return F.cross_entropy(logits, target)
     return torch.mean(torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1))
 
 
