@@ -12,8 +12,8 @@ iterations, the thread count and the load average before and after.
 Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vectorised.md``);
 by default the sequential path runs at 1 thread and the vectorised one at 1 thread and at every
 core (the thread policy, ``budget.threads_for``); ``--threads 1,2`` runs every path at each count instead;
-``--batch 4 --n 4`` runs 4 batches of 4 faces instead (chapter 3's attack; writes
-``vectorised_batch.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
+``--batch 4 --n 10`` runs the 10 batches of 4 faces of ``benchmarks/image_attacks.py``'s batch
+table instead (chapter 3's attack, ``RECOMMENDED_BATCH``; writes ``vectorised_batch.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
 another against ``reconstruct_fedavg_many``; writes ``vectorised_fedavg.md``);
 ``DLGKIT_DEVICE=cuda python benchmarks/vectorised.py --quick`` on a GPU (4 images per set, 40
 iterations; writes ``vectorised_quick.md``).

@@ -722,10 +722,10 @@ def privacy_accuracy_sweep(
     share their settings run as one problem (:func:`dlgkit.attacks.vectorised.reconstruct_many`;
     DP-SGD's cosine attacks form a second one, and the pruning-aware attacks stay one at a
     time); a row's ``attack_time`` is then its share of the batched time. ``False`` runs
-    :func:`attack_defended` image by image. Same settings, same seeds; the batched L-BFGS
-    differs from PyTorch's in its line search (see
-    :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), so single runs differ within the spread
-    of the attack (compared in ``benchmarks/defences.py --compare``).
+    :func:`attack_defended` image by image. Same settings, same seeds and the same L-BFGS
+    steps (:class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), but the batched float32 rounding
+    differs and a long attack amplifies it, so single runs differ within the spread of the
+    attack (compared in ``benchmarks/defences.py --compare``).
     Defined in :doc:`/book/05_defences`.
     """
     import time

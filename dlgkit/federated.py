@@ -71,6 +71,10 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -
     except RuntimeError as exc:
         if "device" in str(exc):  # a device mix-up is the caller's placement, not a shape problem
             raise
+        weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if x.is_floating_point() and len(weights) == 1 and x.dtype not in weights:
+            (dtype,) = weights
+            raise ValueError(f"x is {x.dtype} but the model's weights are {dtype}; convert one to the other: x.to({dtype}) or model.to({x.dtype}).") from exc
         raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} ({str(exc).strip()}); pass images of the shape it was built for.") from exc
     if loss_fn is soft_cross_entropy:
         classes = logits.shape[-1]

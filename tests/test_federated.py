@@ -71,6 +71,10 @@ def test_errors_are_explained():
         federated.Server(model).round([], mode="fedprox")
     with pytest.raises(ValueError, match="at least one"):
         federated.Server(model).aggregate([])
+    with pytest.raises(ValueError, match=r"x is torch.float64 but the model's weights are torch.float32; convert one"):
+        federated.client_gradient(model, torch.rand(2, 6, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"cannot take x of shape \(2, 5\)"):
+        federated.client_gradient(model, torch.rand(2, 5), torch.tensor([0, 1]))
 
 
 def test_check_gradients():

@@ -184,9 +184,9 @@ def reconstruct_fedavg_many(
     ``labels[i]``; every client ran the same ``local_steps``, ``local_lr`` and ``batch_size``.
     Each update and its replay are divided by the update's norm, as in
     :func:`reconstruct_fedavg`. Returns one :class:`~dlgkit.attacks.image.AttackResult` per
-    update. With L-BFGS the line search differs from ``torch.optim.LBFGS``'s (see
-    :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), so the results are not bit-identical to
-    ``reconstruct_fedavg``'s. Explained in chapter 6 of the book."""
+    update. The batched L-BFGS takes ``torch.optim.LBFGS``'s steps (see
+    :class:`~dlgkit.attacks.vectorised.BatchedLBFGS`), but the batched float32 rounding differs,
+    so the results agree with ``reconstruct_fedavg``'s in quality, not bit for bit. Explained in chapter 6 of the book."""
     from dlgkit.attacks.engine import check_target
     from dlgkit.attacks.vectorised import _check_floating, _reconstruct_many
 

@@ -25,7 +25,10 @@ problems, ``benchmarks/vectorised.py``):
 The results are the same :class:`~dlgkit.attacks.image.AttackResult` objects as
 :func:`~dlgkit.attacks.image.reconstruct`'s, one per problem. With Adam the per-problem
 arithmetic is the sequential one (Adam acts element by element); L-BFGS is
-:class:`BatchedLBFGS`, which differs from ``torch.optim.LBFGS`` in its line search (see there).
+:class:`BatchedLBFGS`, which takes ``torch.optim.LBFGS``'s steps, its strong-Wolfe line search
+included (the few differences are listed there). The float32 rounding of a batched evaluation
+is not the sequential one's, and a long attack amplifies it: runs agree in quality (success,
+PSNR within noise), not bit for bit.
 
 Defined in :doc:`/book/02_single_image_dlg`.
 """
@@ -102,24 +105,43 @@ class BatchedAdam:
         return _where(live, new, z), live, dist
 
 
+def _cubic_minimum(t1: torch.Tensor, f1: torch.Tensor, g1: torch.Tensor, t2: torch.Tensor, f2: torch.Tensor, g2: torch.Tensor,
+                   low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Per problem, the minimiser of the cubic through (t1, f1) and (t2, f2) with slopes g1 and
+    g2, clamped to [low, high]; the middle of [low, high] where the cubic has no minimum or the
+    arithmetic is not finite (Nocedal and Wright, 2006, eq. 3.59)."""
+    d1 = g1 + g2 - 3 * (f1 - f2) / (t1 - t2)
+    square = d1 * d1 - g1 * g2
+    d2 = square.clamp(min=0).sqrt()
+    ahead = t1 <= t2
+    far, near, g_far, g_near = torch.where(ahead, t2, t1), torch.where(ahead, t1, t2), torch.where(ahead, g2, g1), torch.where(ahead, g1, g2)
+    at = far - (far - near) * ((g_far + d2 - d1) / (g_far - g_near + 2 * d2))
+    at = torch.minimum(torch.maximum(at, low), high)
+    return torch.where((square >= 0) & torch.isfinite(at), at, (low + high) / 2)
+
+
 class BatchedLBFGS:
     """L-BFGS on a stack of P problems, each with its own history, step and line search.
 
-    Per problem it follows ``torch.optim.LBFGS(lr, max_iter=20, history_size=100)``
-    (tolerance_grad 1e-7, tolerance_change 1e-9, max_eval 25): a step runs up to 20 inner
-    iterations, each a direction from the last 100 pairs (s, y) (a pair is kept only when
-    y.s > 1e-10; H0 = y.s / y.y), the first iteration of a trial scaled
-    to ``min(1, 1 / sum(abs(g))) * lr`` and the others starting at lr; a step ends on PyTorch's conditions
-    (20 iterations, 25 evaluations, a gradient below 1e-7 at its start or after an iteration,
-    no descent direction, a move or a change of the objective below 1e-9). The differences:
+    Per problem it follows ``torch.optim.LBFGS(lr, max_iter=20, history_size=100,
+    line_search_fn="strong_wolfe" or None)`` (tolerance_grad 1e-7, tolerance_change 1e-9,
+    max_eval 25): a step runs up to 20 inner iterations, each a direction from the last 100
+    pairs (s, y) (a pair is kept only when y.s > 1e-10; H0 = y.s / y.y), the first iteration of a
+    trial scaled to ``min(1, 1 / sum(abs(g))) * lr`` and the others starting at lr; a step ends
+    on PyTorch's conditions (20 iterations, 25 evaluations counting the one where it starts, a
+    gradient below 1e-7 at its start or after an iteration, no descent direction, a move or a
+    change of the objective below 1e-9).
 
-    - the line search (``line_search=True``) is a backtracking Armijo search (sufficient
-      decrease with c1 = 1e-4, as in PyTorch), not PyTorch's strong-Wolfe search: it starts at
-      the trial step and shrinks it by safeguarded quadratic interpolation (to between 0.1 and
-      0.5 of the last try), for at most 25 tries; it never extrapolates beyond the trial step
-      and does not test the curvature condition (the y.s > 1e-10 rule keeps the history
-      positive definite). A search that finds no step leaves the problem where it was and ends
-      its step (PyTorch would take the best point of its bracket);
+    The line search (``line_search=True``) is PyTorch's strong-Wolfe search (Nocedal and Wright,
+    2006, algorithms 3.5 and 3.6; c1 = 1e-4, c2 = 0.9): it extrapolates by cubic interpolation
+    (to between 1.01 and 10 times the last try) until it brackets a point that satisfies both
+    Wolfe conditions, then zooms into the bracket by cubic interpolation, kept a tenth of the
+    bracket away from its ends when it makes too little progress, and moves to the lowest
+    point found; it stops at the budget of evaluations left in the step or when the bracket
+    is shorter than 1e-9. The differences from PyTorch:
+
+    - an objective that is NaN or infinite counts as too high (PyTorch compares the NaN and may
+      step to it), and an interpolation that is not finite takes the middle of its interval;
     - a direction whose slope is NaN ends the step (PyTorch goes on);
     - the objective and gradient where a step ends are reused where the next one starts
       (PyTorch evaluates the closure again at the same point: same numbers, one evaluation
@@ -133,7 +155,7 @@ class BatchedLBFGS:
     """
 
     max_iter, max_eval, history_size, max_ls = 20, 25, 100, 25
-    tolerance_grad, tolerance_change, c1 = 1e-7, 1e-9, 1e-4
+    tolerance_grad, tolerance_change, c1, c2 = 1e-7, 1e-9, 1e-4, 0.9
 
     def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
         p, d = z.shape
@@ -148,12 +170,20 @@ class BatchedLBFGS:
         self.h_diag = z.new_ones(p)
         flag = torch.zeros(p, dtype=torch.bool, device=z.device)
         # fresh: the next direction is a trial's first; ended: a step just ended; searching: a
-        # trial point waits for the next round; idle: the step ends next round without evaluation
+        # trial point waits for the next round; idle: the step ends next round without evaluation;
+        # zoom: the line search has a bracket
         self.fresh, self.ended, self.searching, self.idle, self.turn = flag | True, flag.clone(), flag.clone(), flag.clone(), flag.clone()
+        self.zoom, self.slow = flag.clone(), flag.clone()
         self.d, self.prev_g, self.g = z.new_zeros((p, d)), z.new_zeros((p, d)), z.new_zeros((p, d))
-        self.t, self.slope = z.new_zeros(p), z.new_zeros(p, dtype=torch.float64)
-        self.f, self.f_start, self.dist = (z.new_zeros(p, dtype=torch.float64) for _ in range(3))
-        self.tries, self.evals, self.inner = (torch.zeros_like(self.count) for _ in range(3))
+        wide = torch.float64
+        self.t, self.slope, self.d_norm = z.new_zeros(p, dtype=wide), z.new_zeros(p, dtype=wide), z.new_zeros(p, dtype=wide)
+        self.f, self.f_start, self.dist = (z.new_zeros(p, dtype=wide) for _ in range(3))
+        self.evals, self.inner, self.ls_iter, self.ls_max = (torch.zeros_like(self.count) for _ in range(4))
+        # the line search's two points (step, objective, slope, gradient, distance): the last two
+        # tries while it extrapolates (0 the older), then the bracket, with ``low`` its lower end
+        self.bt, self.bf, self.bgtd, self.bdist = (z.new_zeros((p, 2), dtype=wide) for _ in range(4))
+        self.bg = z.new_zeros((p, 2, d))
+        self.low = torch.zeros_like(self.count)
 
     def reset(self, rows: torch.Tensor, z: torch.Tensor, evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Forget the history of the problems in ``rows`` (a bool mask) and evaluate their start."""
@@ -173,8 +203,8 @@ class BatchedLBFGS:
         """Start a step for the live problems whose step ended, and the next inner iteration
         (a direction and a trial step) for those that go on."""
         start = live & self.ended
-        zero = torch.zeros_like(self.evals)
-        self.evals, self.inner = torch.where(start, zero, self.evals), torch.where(start, zero, self.inner)
+        self.evals = torch.where(start, torch.ones_like(self.evals), self.evals)  # the evaluation where the step starts
+        self.inner = torch.where(start, torch.zeros_like(self.inner), self.inner)
         optimal = self.g.abs().amax(1) <= self.tolerance_grad
         self.idle = self.idle | (start & optimal)
         turn = live & (self.turn | (start & ~optimal))
@@ -190,14 +220,31 @@ class BatchedLBFGS:
         d = self._direction(take, *history)
         self.d = _where(turn, d, self.d) if rows is self.rows else self.d.index_copy(0, rows, d)
         self.prev_g, self.f_start = _where(turn, self.g, self.prev_g), torch.where(turn, self.f, self.f_start)
-        first_t = (1 / self.g.abs().sum(1)).clamp(max=1.0) * self.lr
+        first_t = (1 / self.g.abs().sum(1).to(self.t.dtype)).clamp(max=1.0) * self.lr
         self.t = torch.where(turn, torch.where(self.fresh, first_t, torch.full_like(self.t, self.lr)), self.t)
         self.fresh = self.fresh & ~turn
         self.slope = torch.where(turn, (self.g * self.d).sum(1).to(self.slope.dtype), self.slope)
         descent = self.slope <= -self.tolerance_change
         self.idle = self.idle | (turn & ~descent)
         self.searching = self.searching | (turn & descent)
-        self.tries = torch.where(turn, torch.zeros_like(self.tries), self.tries)
+        # the line search starts from the step's start: point 0 at t = 0
+        zero = torch.zeros_like(self.low)
+        self._put(zero, turn, torch.zeros_like(self.t), self.f, self.slope, self.g, self.dist)
+        self.zoom, self.slow = self.zoom & ~turn, self.slow & ~turn
+        self.ls_iter = torch.where(turn, zero, self.ls_iter)
+        self.ls_max = torch.where(turn, (self.max_eval - self.evals).clamp(max=self.max_ls), self.ls_max)
+        self.d_norm = torch.where(turn, self.d.abs().amax(1).to(self.d_norm.dtype), self.d_norm)
+
+    def _put(self, slot: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, f: torch.Tensor, gtd: torch.Tensor, g: torch.Tensor, dist: torch.Tensor) -> None:
+        """Write a point of the line search into its ``slot`` (0 or 1, per problem) where ``mask``."""
+        rows = self.rows
+        for store, value in ((self.bt, t), (self.bf, f), (self.bgtd, gtd), (self.bdist, dist), (self.bg, g)):
+            store[rows, slot] = _where(mask, value, store[rows, slot])
+
+    def _point(self, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The line-search point in ``slot`` (per problem): step, objective, slope, gradient, distance."""
+        rows = self.rows
+        return self.bt[rows, slot], self.bf[rows, slot], self.bgtd[rows, slot], self.bg[rows, slot], self.bdist[rows, slot]
 
     def _store_pair(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], chosen: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Keep the last iteration's pair (s, y) of the problems ``rows`` (where ``chosen``) if
@@ -205,7 +252,7 @@ class BatchedLBFGS:
         :meth:`_direction` needs. One batched product reads the history once."""
         m, k = self.history_size, rows.numel()
         g = take(self.g)
-        y, s = g - take(self.prev_g), take(self.d) * take(self.t)[:, None]
+        y, s = g - take(self.prev_g), take(self.d) * take(self.t).to(g.dtype)[:, None]
         ys = (y * s).sum(1)
         fresh = take(self.fresh)
         keep = chosen & ~fresh & (ys > 1e-10)
@@ -264,32 +311,85 @@ class BatchedLBFGS:
         """Evaluate every live problem's trial point at once and move on: returns the new
         ``z``, which problems ended a step, and each problem's distance where it stands."""
         asked = live & self.searching
-        candidate = z + self.t[:, None] * self.d
+        candidate = z + self.t.to(z.dtype)[:, None] * self.d
         g, f, dist = evaluate(asked, candidate)
-        self.tries, self.evals = self.tries + asked.long(), self.evals + asked.long()
-        t64 = self.t.to(self.f.dtype)
-        ok = asked & (f <= self.f_start + self.c1 * t64 * self.slope) if self.line_search else asked
-        z, self.g = _where(ok, candidate, z), _where(ok, g, self.g)
-        self.f, self.dist = torch.where(ok, f, self.f), torch.where(ok, dist, self.dist)
-        failed = asked & ~ok & (self.tries >= self.max_ls)
-        retry = asked & ~ok & ~failed
+        self.evals = self.evals + asked.long()
         if self.line_search:
-            shrink = -self.slope * t64**2 / (2 * (f - self.f_start - self.slope * t64))
-            shrink = torch.where(torch.isfinite(shrink), shrink, 0.5 * t64)
-            self.t = torch.where(retry, torch.minimum(torch.maximum(shrink, 0.1 * t64), 0.5 * t64).to(self.t.dtype), self.t)
-        self.t = torch.where(failed, torch.zeros_like(self.t), self.t)  # no step found: stay
-        moved = ok | failed
+            z, moved = self._search(z, asked, g, f, dist)
+        else:  # a fixed step: every trial point is taken
+            moved = asked
+            z, self.g = _where(moved, candidate, z), _where(moved, g, self.g)
+            self.f, self.dist = torch.where(moved, f, self.f), torch.where(moved, dist, self.dist)
         self.inner = self.inner + moved.long()
-        small = (self.d * self.t[:, None]).abs().amax(1) <= self.tolerance_change
+        small = (self.d * self.t.to(self.d.dtype)[:, None]).abs().amax(1) <= self.tolerance_change
         optimal = self.g.abs().amax(1) <= self.tolerance_grad
         flat = (self.f - self.f_start).abs() < self.tolerance_change
-        stop = failed | (moved & ((self.evals >= self.max_eval) | (self.inner >= self.max_iter) | optimal | small | flat))
+        stop = moved & ((self.evals >= self.max_eval) | (self.inner >= self.max_iter) | optimal | small | flat)
         ended = live & (stop | self.idle)
         self.ended = self.ended | ended
         self.turn = self.turn | (moved & ~stop)
         self.searching = self.searching & ~moved
         self.idle = self.idle & ~live
         return z, ended, self.dist
+
+    def _search(self, z: torch.Tensor, asked: torch.Tensor, g: torch.Tensor, f: torch.Tensor, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round of the strong-Wolfe line search for the ``asked`` problems, which evaluated
+        ``f`` and ``g`` at their trial step ``self.t``: either the next trial step, or the end of
+        the search (``z`` moves to its lowest point). Returns ``z`` and the problems that moved."""
+        t, f0, slope0 = self.t, self.f_start, self.slope
+        f = torch.where(torch.isfinite(f), f, torch.full_like(f, math.inf))
+        gtd = (g * self.d).sum(1).to(t.dtype)
+        high_f = ~(f <= f0 + self.c1 * t * slope0)  # the sufficient decrease fails (or f is not finite)
+        curved = gtd.abs() <= -self.c2 * slope0  # the strong curvature condition holds
+        one, zero = torch.ones_like(self.low), torch.zeros_like(self.low)
+        # extrapolation: point 1 is the newest try, point 0 the one before
+        bracketing = asked & ~self.zoom
+        self._put(one, bracketing, t, f, gtd, g, dist)
+        spent = bracketing & (self.ls_iter >= self.ls_max)  # the last try of the budget: no test
+        checked = bracketing & ~spent
+        above = high_f | ((self.ls_iter > 1) & (f >= self.bf[:, 0]))
+        to_zoom = checked & (above | (~curved & (gtd >= 0)))
+        found = checked & ~above & curved
+        further = checked & ~above & ~curved & (gtd < 0)
+        t_next = _cubic_minimum(self.bt[:, 0], self.bf[:, 0], self.bgtd[:, 0], t, f, gtd, t + 0.01 * (t - self.bt[:, 0]), 10 * t)
+        self._put(zero, further, *self._point(one))
+        self.t = torch.where(further, t_next, self.t)
+        self.ls_iter = self.ls_iter + further.long()
+        self._put(zero, spent, torch.zeros_like(t), f0, slope0, self.prev_g, self.dist)  # the budget is spent: the start or the last try
+        self.low = torch.where(found, one, torch.where(spent | to_zoom, torch.where(self.bf[:, 0] <= self.bf[:, 1], zero, one), self.low))
+        # zoom: a new point replaces an end of the bracket
+        zooming = asked & self.zoom
+        self.ls_iter = self.ls_iter + zooming.long()
+        low, high = self.low, 1 - self.low
+        up = zooming & (high_f | (f >= self.bf[self.rows, low]))
+        down = zooming & ~up
+        found = found | (down & curved)
+        swap = down & ~curved & (gtd * (self.bt[self.rows, high] - self.bt[self.rows, low]) >= 0)
+        self._put(high, up, t, f, gtd, g, dist)
+        self._put(high, swap, *self._point(low))
+        self._put(low, down, t, f, gtd, g, dist)
+        self.low = torch.where(up, torch.where(self.bf[:, 0] <= self.bf[:, 1], zero, one), self.low)
+        # the next point of the zoom, unless the budget is spent or the bracket is too short
+        zoom = to_zoom | (zooming & ~found)
+        self.zoom = self.zoom | to_zoom
+        ends = torch.minimum(self.bt[:, 0], self.bt[:, 1]), torch.maximum(self.bt[:, 0], self.bt[:, 1])
+        short = (ends[1] - ends[0]) * self.d_norm < self.tolerance_change
+        stop_zoom = zoom & ((self.ls_iter >= self.ls_max) | short)
+        inside = _cubic_minimum(self.bt[:, 0], self.bf[:, 0], self.bgtd[:, 0], self.bt[:, 1], self.bf[:, 1], self.bgtd[:, 1], *ends)
+        margin = 0.1 * (ends[1] - ends[0])
+        edge = torch.minimum(ends[1] - inside, inside - ends[0]) < margin
+        shift = edge & (self.slow | (inside >= ends[1]) | (inside <= ends[0]))
+        inside = torch.where(shift, torch.where((inside - ends[1]).abs() < (inside - ends[0]).abs(), ends[1] - margin, ends[0] + margin), inside)
+        go_on = zoom & ~stop_zoom
+        self.t = torch.where(go_on, inside, self.t)
+        self.slow = torch.where(go_on, edge & ~shift, self.slow)
+        # the end: move to the lowest point found
+        moved = spent | found | stop_zoom
+        t_low, f_low, _, g_low, dist_low = self._point(self.low)
+        self.t = torch.where(moved, t_low, self.t)
+        z = _where(moved, z + t_low.to(z.dtype)[:, None] * self.d, z)
+        self.g, self.f, self.dist = _where(moved, g_low, self.g), torch.where(moved, f_low, self.f), torch.where(moved, dist_low, self.dist)
+        return z, moved
 
 
 _OPTIMIZERS = {"adam": lambda z, config: BatchedAdam(z, config.step_size()), "lbfgs": lambda z, config: BatchedLBFGS(z, config.step_size(), config.line_search)}
