@@ -456,3 +456,22 @@ def test_the_line_search_backs_off_from_a_nan_objective():
         optimiser.prepare(steps < 5)
     assert nan_tries >= 2 and steps.tolist() == [5, 5]
     assert torch.allclose(z, torch.full_like(z, 0.868837), atol=1e-5), z
+
+
+def test_the_optimisers_explain_bad_arguments():
+    from dlgkit.attacks.vectorised import BatchedAdam, BatchedLBFGS
+
+    z = torch.zeros(3, 5)
+    for make in (lambda z, lr: BatchedAdam(z, lr), lambda z, lr: BatchedLBFGS(z, lr, True)):
+        with pytest.raises(ValueError, match=r"z must be a floating-point tensor of shape \(P, D\).*got a torch.float32 tensor of shape \(5,\)"):
+            make(torch.zeros(5), 0.1)
+        with pytest.raises(ValueError, match="z must be .*got a torch.int64 tensor"):
+            make(torch.zeros(3, 5, dtype=torch.long), 0.1)
+        with pytest.raises(ValueError, match="z must be .*got list"):
+            make([[0.0] * 5], 0.1)
+        with pytest.raises(ValueError, match=r"lr must lie in \(0"):
+            make(z, 0.0)
+        with pytest.raises(ValueError, match="lr must be a finite number"):
+            make(z, math.nan)
+    with pytest.raises(ValueError, match="line_search must be True"):
+        BatchedLBFGS(z, 1.0, "strong_wolfe")

@@ -51,7 +51,7 @@ from dlgkit.attacks import engine
 from dlgkit.attacks.engine import DISTANCES, RECOMMENDED, RESTART_POLICIES, AttackConfig
 from dlgkit.attacks.image import AttackResult, _checked_inputs, _resolve_labels, total_variation
 from dlgkit.budget import progress_enabled
-from dlgkit.checks import check_positive_int, check_seed
+from dlgkit.checks import check_number, check_positive_int, check_seed
 from dlgkit.federated import soft_cross_entropy
 
 __all__ = ["reconstruct_many", "gradient_of_loss", "FunctionalObserve", "BatchedAdam", "BatchedLBFGS"]
@@ -68,6 +68,15 @@ def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Te
     return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
+def _check_optimiser(z: object, lr: object) -> float:
+    """The optimisers' common arguments: ``z`` a (P, D) floating tensor, ``lr`` positive."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point() or 0 in z.shape:
+        what = f"a {z.dtype} tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be a floating-point tensor of shape (P, D), one row of variables per problem, got {what}; "
+                         "for one problem pass z.reshape(1, -1).")
+    return check_number("lr", lr, low=0, low_open=True)
+
+
 class BatchedAdam:
     """Adam (Kingma and Ba, 2015; PyTorch's defaults: betas 0.9 and 0.999, eps 1e-8) on a
     stack of P problems, each with its own moments and step count, so that a problem restarted
@@ -76,7 +85,7 @@ class BatchedAdam:
     Defined in :doc:`/book/02_single_image_dlg`."""
 
     def __init__(self, z: torch.Tensor, lr: float) -> None:
-        self.lr, self.betas, self.eps = lr, (0.9, 0.999), 1e-8
+        self.lr, self.betas, self.eps = _check_optimiser(z, lr), (0.9, 0.999), 1e-8
         self.m, self.v = torch.zeros_like(z), torch.zeros_like(z)
         self.steps = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
 
@@ -158,6 +167,9 @@ class BatchedLBFGS:
     tolerance_grad, tolerance_change, c1, c2 = 1e-7, 1e-9, 1e-4, 0.9
 
     def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
+        lr = _check_optimiser(z, lr)
+        if not isinstance(line_search, bool):
+            raise ValueError(f"line_search must be True (strong-Wolfe) or False (a fixed step of lr), got {line_search!r}.")
         p, d = z.shape
         self.lr, self.line_search = lr, line_search
         self.rows = torch.arange(p, device=z.device)
