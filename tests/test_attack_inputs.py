@@ -28,9 +28,9 @@ FAST = attacks.RECOMMENDED.with_(iterations=2, restarts=1)
     "changes, match",
     [
         (dict(tv=math.nan), "tv must be a finite number"),
-        (dict(tv=-1.0), r"tv must lie in \[0.0, inf\]"),
-        (dict(tol=-1e-8), r"tol must lie in \[0.0, inf\]"),
-        (dict(lr=0.0), r"lr must lie in \(0.0, inf\]"),
+        (dict(tv=-1.0), r"tv must lie in \[0.0, inf\)"),
+        (dict(tol=-1e-8), r"tol must lie in \[0.0, inf\)"),
+        (dict(lr=0.0), r"lr must lie in \(0.0, inf\)"),
         (dict(lr=math.inf), "lr must be a finite number"),
         (dict(iterations=2.5), "iterations must be a positive int"),
         (dict(patience=0), "patience must be a positive int or None"),

@@ -450,7 +450,7 @@ def test_observation_is_differentiable_in_the_input():
 def test_observation_refuses_bad_arguments():
     with pytest.raises(ValueError, match="local_steps must be a positive int, got 0"):
         fedavg_observation(0, 0.1)
-    with pytest.raises(ValueError, match=r"local_lr must lie in \(0.0, inf\]"):
+    with pytest.raises(ValueError, match=r"local_lr must lie in \(0.0, inf\)"):
         fedavg_observation(1, -0.1)
     with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
         fedavg_observation(1, 0.1, 0)

@@ -200,7 +200,7 @@ def test_text_attacks_flag_nan_gradients_and_bad_arguments(scratch):
                  lambda: ta.reconstruct_text(scratch, broken, ta.TextAttackConfig(iterations=1))):
         with pytest.raises(ValueError, match="holds NaN or inf"):
             call()
-    with pytest.raises(ValueError, match=r"threshold must lie in \[0.0, inf\]"):
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0.0, inf\)"):
         ta.span_recover(grads, scratch, threshold=-1e-6)
     with pytest.raises(ValueError, match="length must be an int"):
         ta.span_recover(grads, scratch, length=0)

@@ -473,5 +473,38 @@ def test_the_optimisers_explain_bad_arguments():
             make(z, 0.0)
         with pytest.raises(ValueError, match="lr must be a finite number"):
             make(z, math.nan)
+        with pytest.raises(ValueError, match=r"lr must lie in \(0, inf\)"):
+            make(z, -1.0)
     with pytest.raises(ValueError, match="line_search must be True"):
         BatchedLBFGS(z, 1.0, "strong_wolfe")
+    with pytest.raises(ValueError, match="float32 or float64, got torch.bfloat16 variables"):
+        BatchedLBFGS(z.bfloat16(), 1.0, True)
+
+
+def test_a_nan_slope_at_a_finite_objective_ends_the_step():
+    """A trial point with a finite objective but a NaN gradient counts as too high: the step
+    ends within its budget of evaluations instead of trying the same point forever, and the
+    problem beside it is not held up."""
+    from dlgkit.attacks.vectorised import BatchedLBFGS
+
+    def evaluate(mask, z):  # (z - 3)^2, its gradient undefined beyond z = 2.5
+        f = ((z - 3) ** 2).sum(1)
+        g = torch.where(z > 2.5, math.nan, 2 * (z - 3))
+        return torch.where(mask[:, None], g, math.nan), torch.where(mask, f, math.nan), torch.where(mask, f, math.nan)
+
+    z = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    optimiser = BatchedLBFGS(z, 1.0, True)
+    everyone = torch.ones(2, dtype=torch.bool)
+    optimiser.reset(everyone, z, evaluate)
+    optimiser.prepare(everyone)
+    steps = torch.zeros(2, dtype=torch.long)
+    for _ in range(200):
+        live = steps < 3
+        if not bool(live.any()):
+            break
+        z, ended, dist = optimiser.round(z, evaluate, live)
+        assert int(optimiser.evals.max()) <= BatchedLBFGS.max_eval + 1  # as in PyTorch, a search may end one past the budget
+        steps += (ended & live).long()
+        optimiser.prepare(steps < 3)
+    assert steps.tolist() == [3, 3]
+    assert bool(torch.isfinite(z).all()) and bool((z <= 2.5).all()) and bool((dist < 9).all()), z

@@ -149,8 +149,10 @@ class BatchedLBFGS:
     point found; it stops at the budget of evaluations left in the step or when the bracket
     is shorter than 1e-9. The differences from PyTorch:
 
-    - an objective that is NaN or infinite counts as too high (PyTorch compares the NaN and may
-      step to it), and an interpolation that is not finite takes the middle of its interval;
+    - a point whose objective or slope is NaN or infinite counts as too high (PyTorch compares
+      the NaN and may step to it, or, for a NaN slope with a finite objective, tries the same
+      point until its budget is spent), and an interpolation that is not finite takes the
+      middle of its interval;
     - a direction whose slope is NaN ends the step (PyTorch goes on);
     - the objective and gradient where a step ends are reused where the next one starts
       (PyTorch evaluates the closure again at the same point: same numbers, one evaluation
@@ -168,6 +170,9 @@ class BatchedLBFGS:
 
     def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
         lr = _check_optimiser(z, lr)
+        if z.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the batched L-BFGS solves its linear systems in float32 or float64, got {z.dtype} variables; "
+                             "convert the model (model.float()) and its gradient, or use optimizer='adam'.")
         if not isinstance(line_search, bool):
             raise ValueError(f"line_search must be True (strong-Wolfe) or False (a fixed step of lr), got {line_search!r}.")
         p, d = z.shape
@@ -349,8 +354,10 @@ class BatchedLBFGS:
         ``f`` and ``g`` at their trial step ``self.t``: either the next trial step, or the end of
         the search (``z`` moves to its lowest point). Returns ``z`` and the problems that moved."""
         t, f0, slope0 = self.t, self.f_start, self.slope
-        f = torch.where(torch.isfinite(f), f, torch.full_like(f, math.inf))
         gtd = (g * self.d).sum(1).to(t.dtype)
+        # a point whose objective or slope is NaN or infinite counts as too high (and its
+        # interpolations take the middle of their interval): the search shrinks back from it
+        f = torch.where(torch.isfinite(f) & torch.isfinite(gtd), f, torch.full_like(f, math.inf))
         high_f = ~(f <= f0 + self.c1 * t * slope0)  # the sufficient decrease fails (or f is not finite)
         curved = gtd.abs() <= -self.c2 * slope0  # the strong curvature condition holds
         one, zero = torch.ones_like(self.low), torch.zeros_like(self.low)
