@@ -376,14 +376,15 @@ def _rosenbrock(x: torch.Tensor) -> torch.Tensor:
     return (100 * (x[..., 1:] - x[..., :-1] ** 2) ** 2 + (1 - x[..., :-1]) ** 2).sum(-1)
 
 
-@pytest.mark.parametrize("line_search", [True, False])
-def test_batched_lbfgs_follows_torch_lbfgs_step_for_step(line_search):
-    """On a deterministic problem (the 10-dimensional Rosenbrock function, float64, four random
-    starts at once) every problem's point after each of 4 steps is PyTorch's, with and
-    without the strong-Wolfe line search."""
+@pytest.mark.parametrize(("line_search", "dim", "steps"), [(True, 10, 4), (False, 10, 4), (False, 30, 8)])
+def test_batched_lbfgs_follows_torch_lbfgs_step_for_step(line_search, dim, steps):
+    """On a deterministic problem (the Rosenbrock function, float64, four random starts at
+    once) every problem's point after each step is PyTorch's, with and without the
+    strong-Wolfe line search; the last case runs 160 inner iterations, so the 100-pair history
+    wraps round."""
     from dlgkit.attacks.vectorised import BatchedLBFGS
 
-    starts = 1.5 * torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    starts = 1.5 * torch.randn(4, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     lr = 1.0 if line_search else 5e-4
 
     def evaluate(mask, z):
@@ -398,14 +399,14 @@ def test_batched_lbfgs_follows_torch_lbfgs_step_for_step(line_search):
     everyone = torch.ones(4, dtype=torch.bool)
     optimiser.reset(everyone, z, evaluate)
     optimiser.prepare(everyone)
-    steps, points = torch.zeros(4, dtype=torch.long), []
-    while (steps < 4).any():
-        live = steps < 4
+    steps_wanted, steps, points = steps, torch.zeros(4, dtype=torch.long), []
+    while (steps < steps_wanted).any():
+        live = steps < steps_wanted
         z, ended, _ = optimiser.round(z, evaluate, live)
         steps += (ended & live).long()
         if bool((ended & live).any()):
             points.append((steps.clone(), ended & live, z.clone()))
-        optimiser.prepare(steps < 4)
+        optimiser.prepare(steps < steps_wanted)
     for i in range(4):
         x = starts[i].clone().requires_grad_(True)
         reference = torch.optim.LBFGS([x], lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe" if line_search else None)
@@ -417,10 +418,11 @@ def test_batched_lbfgs_follows_torch_lbfgs_step_for_step(line_search):
             return f
 
         ours = [p[i] for s, done, p in points if done[i]]
-        assert len(ours) == 4
-        for step in range(4):
+        assert len(ours) == steps_wanted
+        for step in range(steps_wanted):
             reference.step(closure)
             assert torch.allclose(ours[step], x.detach(), rtol=0, atol=1e-8), (i, step, (ours[step] - x.detach()).abs().max())
+        assert reference.state[x]["n_iter"] > (100 if steps_wanted == 8 else 0)
     assert float(_rosenbrock(z).max()) < (1e-6 if line_search else math.inf)
 
 

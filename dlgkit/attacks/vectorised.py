@@ -17,7 +17,7 @@ problems, ``benchmarks/vectorised.py``):
 - the last layer's weight gradient is the largest tensor of the problem (100 x 768 per problem
   for LeNet on 32x32 images); for a model with a linear head the distance to it is taken in
   factored form and the gradient is never formed (``_Stack``);
-- L-BFGS reads its history of 100 pairs twice per step; both products read it with unit stride
+- L-BFGS reads its history of 100 pairs twice per iteration; both products read it with unit stride
   (:class:`BatchedLBFGS`);
 - a call where most problems are asked evaluates them all instead of copying the asked rows'
   weights and targets; a problem left alone at the end of a run is solved without ``vmap``.
@@ -143,11 +143,13 @@ class BatchedLBFGS:
 
     The line search (``line_search=True``) is PyTorch's strong-Wolfe search (Nocedal and Wright,
     2006, algorithms 3.5 and 3.6; c1 = 1e-4, c2 = 0.9): it extrapolates by cubic interpolation
-    (to between 1.01 and 10 times the last try) until it brackets a point that satisfies both
-    Wolfe conditions, then zooms into the bracket by cubic interpolation, kept a tenth of the
-    bracket away from its ends when it makes too little progress, and moves to the lowest
-    point found; it stops at the budget of evaluations left in the step or when the bracket
-    is shorter than 1e-9. The differences from PyTorch:
+    (to between ``t + 0.01 (t - t_prev)`` and ``10 t``, ``t`` the last try and ``t_prev`` the one
+    before) until it brackets a point that satisfies both Wolfe conditions, then zooms into the
+    bracket by cubic interpolation, kept a tenth of the bracket away from its ends when it makes
+    too little progress, and moves to the lower end of its bracket (when the budget runs out
+    while extrapolating: the lower of the step's start and the last try); it stops at the
+    budget of evaluations left in the step or when the bracket is shorter than 1e-9. The
+    differences from PyTorch:
 
     - a point whose objective or slope is NaN or infinite counts as too high (PyTorch compares
       the NaN and may step to it, or, for a NaN slope with a finite objective, tries the same
@@ -156,7 +158,8 @@ class BatchedLBFGS:
     - a direction whose slope is NaN ends the step (PyTorch goes on);
     - the objective and gradient where a step ends are reused where the next one starts
       (PyTorch evaluates the closure again at the same point: same numbers, one evaluation
-      fewer), and without a line search every iteration evaluates its new point.
+      fewer), and without a line search every iteration evaluates its new point (PyTorch skips
+      the evaluation after a step's 20th iteration).
 
     The problems advance in *rounds*: in each, every live problem evaluates its next trial
     point (all in one batched call), so problems at different stages of their steps and line
