@@ -764,15 +764,11 @@ def privacy_accuracy_sweep(
         batched_runs, batched_times = _attack_all(nets, images, labels, defences, attack, local_lr)
     for k, defence in enumerate(tqdm(defences, desc="defences", disable=not progress_enabled(progress), leave=False)):
         start = time.perf_counter()
-        runs, adaptive_runs = [], []
-        if vectorised:
-            runs = batched_runs[k]
-        for i, model in enumerate(nets):
-            x, y = images[i : i + 1], labels[i : i + 1]
-            if not vectorised:
-                runs.append(attack_defended(model, x, y, defence, attack, seed=i, local_lr=local_lr))
-            if adaptive and isinstance(defence, Prune):
-                adaptive_runs.append(attack_defended(model, x, y, defence, attack, seed=i, adaptive=True, local_lr=local_lr))
+        cases = [(model, images[i : i + 1], labels[i : i + 1], i) for i, model in enumerate(nets)]
+        runs = batched_runs[k] if vectorised else [attack_defended(m, x, y, defence, attack, seed=i, local_lr=local_lr) for m, x, y, i in cases]
+        adaptive_runs = []
+        if adaptive and isinstance(defence, Prune):  # the pruning-aware attack, one image at a time
+            adaptive_runs = [attack_defended(m, x, y, defence, attack, seed=i, adaptive=True, local_lr=local_lr) for m, x, y, i in cases]
         attack_time = time.perf_counter() - start + (batched_times[k] if vectorised else 0.0)
         start = time.perf_counter()
         trained = train_with_defence(defence, steps=train_steps, device=device, local_lr=local_lr)

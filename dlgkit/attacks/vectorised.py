@@ -168,7 +168,7 @@ class BatchedLBFGS:
     Defined in :doc:`/book/02_single_image_dlg`.
     """
 
-    max_iter, max_eval, history_size, max_ls = 20, 25, 100, 25
+    max_iter, max_eval, history_size = 20, 25, 100
     tolerance_grad, tolerance_change, c1, c2 = 1e-7, 1e-9, 1e-4, 0.9
 
     def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
@@ -252,7 +252,7 @@ class BatchedLBFGS:
         self._put(zero, turn, torch.zeros_like(self.t), self.f, self.slope, self.g, self.dist)
         self.zoom, self.slow = self.zoom & ~turn, self.slow & ~turn
         self.ls_iter = torch.where(turn, zero, self.ls_iter)
-        self.ls_max = torch.where(turn, (self.max_eval - self.evals).clamp(max=self.max_ls), self.ls_max)
+        self.ls_max = torch.where(turn, self.max_eval - self.evals, self.ls_max)  # the evaluations left in the step, as PyTorch's max_ls
         self.d_norm = torch.where(turn, self.d.abs().amax(1).to(self.d_norm.dtype), self.d_norm)
 
     def _put(self, slot: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, f: torch.Tensor, gtd: torch.Tensor, g: torch.Tensor, dist: torch.Tensor) -> None:
@@ -260,6 +260,10 @@ class BatchedLBFGS:
         rows = self.rows
         for store, value in ((self.bt, t), (self.bf, f), (self.bgtd, gtd), (self.bdist, dist), (self.bg, g)):
             store[rows, slot] = _where(mask, value, store[rows, slot])
+
+    def _lower_end(self) -> torch.Tensor:
+        """Per problem, the slot (0 or 1) of the line search's point with the lower objective (0 on a tie)."""
+        return (~(self.bf[:, 0] <= self.bf[:, 1])).long()
 
     def _point(self, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The line-search point in ``slot`` (per problem): step, objective, slope, gradient, distance."""
@@ -355,7 +359,8 @@ class BatchedLBFGS:
     def _search(self, z: torch.Tensor, asked: torch.Tensor, g: torch.Tensor, f: torch.Tensor, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One round of the strong-Wolfe line search for the ``asked`` problems, which evaluated
         ``f`` and ``g`` at their trial step ``self.t``: either the next trial step, or the end of
-        the search (``z`` moves to its lowest point). Returns ``z`` and the problems that moved."""
+        the search (``z`` moves to the lower end of its bracket). Returns ``z`` and the problems
+        that moved."""
         t, f0, slope0 = self.t, self.f_start, self.slope
         gtd = (g * self.d).sum(1).to(t.dtype)
         # a point whose objective or slope is NaN or infinite counts as too high (and its
@@ -378,7 +383,7 @@ class BatchedLBFGS:
         self.t = torch.where(further, t_next, self.t)
         self.ls_iter = self.ls_iter + further.long()
         self._put(zero, spent, torch.zeros_like(t), f0, slope0, self.prev_g, self.dist)  # the budget is spent: the start or the last try
-        self.low = torch.where(found, one, torch.where(spent | to_zoom, torch.where(self.bf[:, 0] <= self.bf[:, 1], zero, one), self.low))
+        self.low = torch.where(found, one, torch.where(spent | to_zoom, self._lower_end(), self.low))
         # zoom: a new point replaces an end of the bracket
         zooming = asked & self.zoom
         self.ls_iter = self.ls_iter + zooming.long()
@@ -390,7 +395,7 @@ class BatchedLBFGS:
         self._put(high, up, t, f, gtd, g, dist)
         self._put(high, swap, *self._point(low))
         self._put(low, down, t, f, gtd, g, dist)
-        self.low = torch.where(up, torch.where(self.bf[:, 0] <= self.bf[:, 1], zero, one), self.low)
+        self.low = torch.where(up, self._lower_end(), self.low)
         # the next point of the zoom, unless the budget is spent or the bracket is too short
         zoom = to_zoom | (zooming & ~found)
         self.zoom = self.zoom | to_zoom
@@ -405,7 +410,7 @@ class BatchedLBFGS:
         go_on = zoom & ~stop_zoom
         self.t = torch.where(go_on, inside, self.t)
         self.slow = torch.where(go_on, edge & ~shift, self.slow)
-        # the end: move to the lowest point found
+        # the end: move to the lower end of the bracket
         moved = spent | found | stop_zoom
         t_low, f_low, _, g_low, dist_low = self._point(self.low)
         self.t = torch.where(moved, t_low, self.t)
