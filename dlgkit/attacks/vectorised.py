@@ -201,7 +201,9 @@ class BatchedLBFGS:
         self.evals, self.inner, self.ls_iter, self.ls_max = (torch.zeros_like(self.count) for _ in range(4))
         # the line search's two points (step, objective, slope, gradient, distance): the last two
         # tries while it extrapolates (0 the older), then the bracket, with ``low`` its lower end
-        self.bt, self.bf, self.bgtd, self.bdist = (z.new_zeros((p, 2), dtype=wide) for _ in range(4))
+        # (in one tensor, so that a point is written in one go; bt, bf, bgtd and bdist are its views)
+        self.bs = z.new_zeros((p, 2, 4), dtype=wide)
+        self.bt, self.bf, self.bgtd, self.bdist = self.bs.unbind(2)
         self.bg = z.new_zeros((p, 2, d))
         self.low = torch.zeros_like(self.count)
 
@@ -248,27 +250,30 @@ class BatchedLBFGS:
         self.idle = self.idle | (turn & ~descent)
         self.searching = self.searching | (turn & descent)
         # the line search starts from the step's start: point 0 at t = 0
+        self._put(0, turn, torch.zeros_like(self.t), self.f, self.slope, self.g, self.dist)
         zero = torch.zeros_like(self.low)
-        self._put(zero, turn, torch.zeros_like(self.t), self.f, self.slope, self.g, self.dist)
         self.zoom, self.slow = self.zoom & ~turn, self.slow & ~turn
         self.ls_iter = torch.where(turn, zero, self.ls_iter)
         self.ls_max = torch.where(turn, self.max_eval - self.evals, self.ls_max)  # the evaluations left in the step, as PyTorch's max_ls
         self.d_norm = torch.where(turn, self.d.abs().amax(1).to(self.d_norm.dtype), self.d_norm)
 
-    def _put(self, slot: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, f: torch.Tensor, gtd: torch.Tensor, g: torch.Tensor, dist: torch.Tensor) -> None:
-        """Write a point of the line search into its ``slot`` (0 or 1, per problem) where ``mask``."""
-        rows = self.rows
-        for store, value in ((self.bt, t), (self.bf, f), (self.bgtd, gtd), (self.bdist, dist), (self.bg, g)):
-            store[rows, slot] = _where(mask, value, store[rows, slot])
+    def _put(self, slot: int | torch.Tensor, mask: torch.Tensor, t: torch.Tensor, f: torch.Tensor, gtd: torch.Tensor, g: torch.Tensor,
+             dist: torch.Tensor) -> None:
+        """Write a point of the line search into its ``slot`` (0 or 1, for all or per problem) where ``mask``."""
+        at = (slice(None), slot) if isinstance(slot, int) else (self.rows, slot)  # a view for an int slot (cheaper)
+        for store, value in ((self.bs, torch.stack([t, f, gtd, dist], dim=1)), (self.bg, g)):
+            store[at] = _where(mask, value, store[at])
 
     def _lower_end(self) -> torch.Tensor:
         """Per problem, the slot (0 or 1) of the line search's point with the lower objective (0 on a tie)."""
         return (~(self.bf[:, 0] <= self.bf[:, 1])).long()
 
-    def _point(self, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The line-search point in ``slot`` (per problem): step, objective, slope, gradient, distance."""
-        rows = self.rows
-        return self.bt[rows, slot], self.bf[rows, slot], self.bgtd[rows, slot], self.bg[rows, slot], self.bdist[rows, slot]
+    def _point(self, slot: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The line-search point in ``slot`` (0 or 1, for all or per problem): step, objective,
+        slope, gradient, distance (views of the store for an int slot)."""
+        at = (slice(None), slot) if isinstance(slot, int) else (self.rows, slot)
+        t, f, gtd, dist = self.bs[at].unbind(1)
+        return t, f, gtd, self.bg[at], dist
 
     def _store_pair(self, rows: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], chosen: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Keep the last iteration's pair (s, y) of the problems ``rows`` (where ``chosen``) if
@@ -368,10 +373,9 @@ class BatchedLBFGS:
         f = torch.where(torch.isfinite(f) & torch.isfinite(gtd), f, torch.full_like(f, math.inf))
         high_f = ~(f <= f0 + self.c1 * t * slope0)  # the sufficient decrease fails (or f is not finite)
         curved = gtd.abs() <= -self.c2 * slope0  # the strong curvature condition holds
-        one, zero = torch.ones_like(self.low), torch.zeros_like(self.low)
         # extrapolation: point 1 is the newest try, point 0 the one before
         bracketing = asked & ~self.zoom
-        self._put(one, bracketing, t, f, gtd, g, dist)
+        self._put(1, bracketing, t, f, gtd, g, dist)
         spent = bracketing & (self.ls_iter >= self.ls_max)  # the last try of the budget: no test
         checked = bracketing & ~spent
         above = high_f | ((self.ls_iter > 1) & (f >= self.bf[:, 0]))
@@ -379,11 +383,11 @@ class BatchedLBFGS:
         found = checked & ~above & curved
         further = checked & ~above & ~curved & (gtd < 0)
         t_next = _cubic_minimum(self.bt[:, 0], self.bf[:, 0], self.bgtd[:, 0], t, f, gtd, t + 0.01 * (t - self.bt[:, 0]), 10 * t)
-        self._put(zero, further, *self._point(one))
+        self._put(0, further, *self._point(1))
         self.t = torch.where(further, t_next, self.t)
         self.ls_iter = self.ls_iter + further.long()
-        self._put(zero, spent, torch.zeros_like(t), f0, slope0, self.prev_g, self.dist)  # the budget is spent: the start or the last try
-        self.low = torch.where(found, one, torch.where(spent | to_zoom, self._lower_end(), self.low))
+        self._put(0, spent, torch.zeros_like(t), f0, slope0, self.prev_g, self.dist)  # the budget is spent: the start or the last try
+        self.low = torch.where(found, torch.ones_like(self.low), torch.where(spent | to_zoom, self._lower_end(), self.low))
         # zoom: a new point replaces an end of the bracket
         zooming = asked & self.zoom
         self.ls_iter = self.ls_iter + zooming.long()
@@ -752,9 +756,11 @@ def reconstruct_many(
     - ``labels``: None (``config.labels`` for every problem), a ``(P, N)`` tensor or a list of P
       tensors of class indices. ``seeds``: one int for every problem or one per problem; problem
       ``i`` draws its starts exactly as ``reconstruct(..., seed=seeds[i])`` does.
-    - ``history_every``: snapshots as in ``reconstruct``; ``check_every``: how many steps pass
-      between the reads of the problems' states by the host (to end and restart trials); None is
-      1 on a CPU and 10 on a GPU. It changes only when a finished problem restarts, never a result.
+    - ``history_every``: snapshots as in ``reconstruct``; ``check_every``: how many rounds (one
+      batched evaluation each: an Adam step, an L-BFGS trial point) pass between the reads of the
+      problems' states by the host (to end and restart trials); None is 1 on a CPU and 10 on a
+      GPU. A CPU also skips the read after a round in which no problem ended a step. It changes
+      only when a finished problem restarts, never a result.
 
     Each problem keeps its own optimiser state (:class:`BatchedAdam`, :class:`BatchedLBFGS`),
     stopping rule and restarts, as ``config`` asks. Returns one
@@ -875,35 +881,40 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
         return problems.evaluate(mask, at, None if lbfgs else in_rows)
 
     bar = tqdm(total=count, desc=f"DLG x{count}", disable=not progress_enabled(progress), leave=False)
-    optimiser.prepare(everyone)
-    rounds = 0
+    live = everyone.clone()
+    optimiser.prepare(live)
+    rounds, on_cpu, pending = 0, device.type == "cpu", False
     while in_trial:
         rounds += 1
-        live = in_trial_mask & (status == _RUNNING)
         z, done, current = optimiser.round(z, evaluate, live)
         done = done & live  # these problems ended a step: record it and apply the stopping rules
-        if config.clamp:
-            z = torch.cat([_where(done, z[:, :numel].clamp(0, 1), z[:, :numel]), z[:, numel:]], dim=1)
-            if lbfgs:
-                optimiser.refresh(done, z, evaluate)
-                current = optimiser.dist
-        steps = steps + done.long()
-        at = (steps - 1).clamp(min=0)
-        losses[at, rows] = torch.where(done, current, losses[at, rows])
-        finite = torch.isfinite(current)
-        new = torch.where(~finite, _DIVERGED, _RUNNING)
-        if history_every is not None:
-            record = done & finite & (steps % history_every == 0)
-            slot = (steps // history_every).clamp(max=slots - 1)
-            snaps[rows, slot] = _where(record, z[:, :numel].clamp(0, 1), snaps[rows, slot])
-        new = torch.where(finite & (current < tol), _CONVERGED, new)
-        if lbfgs and config.patience is not None:
-            before = losses[(steps - 1 - config.patience).clamp(min=0), rows]
-            stalled = finite & (steps > config.patience) & (current >= before * (1 - 1e-9))
-            new = torch.where((new == _RUNNING) & stalled, _STALLED, new)
-        new = torch.where((new == _RUNNING) & (steps >= config.iterations), _BUDGET, new)
-        status = torch.where(done, new, status)
-        if rounds % check_every == 0:
+        # on a CPU, reading whether any did costs nothing, and most L-BFGS rounds end no step:
+        # they skip this bookkeeping (a no-op for them) and the check (nothing changed)
+        if not on_cpu or bool(done.any()):
+            pending = True
+            if config.clamp:
+                z = torch.cat([_where(done, z[:, :numel].clamp(0, 1), z[:, :numel]), z[:, numel:]], dim=1)
+                if lbfgs:
+                    optimiser.refresh(done, z, evaluate)
+                    current = optimiser.dist
+            steps = steps + done.long()
+            at = (steps - 1).clamp(min=0)
+            losses[at, rows] = torch.where(done, current, losses[at, rows])
+            finite = torch.isfinite(current)
+            new = torch.where(~finite, _DIVERGED, _RUNNING)
+            if history_every is not None:
+                record = done & finite & (steps % history_every == 0)
+                slot = (steps // history_every).clamp(max=slots - 1)
+                snaps[rows, slot] = _where(record, z[:, :numel].clamp(0, 1), snaps[rows, slot])
+            new = torch.where(finite & (current < tol), _CONVERGED, new)
+            if lbfgs and config.patience is not None:
+                before = losses[(steps - 1 - config.patience).clamp(min=0), rows]
+                stalled = finite & (steps > config.patience) & (current >= before * (1 - 1e-9))
+                new = torch.where((new == _RUNNING) & stalled, _STALLED, new)
+            new = torch.where((new == _RUNNING) & (steps >= config.iterations), _BUDGET, new)
+            status = torch.where(done, new, status)
+        if rounds % check_every == 0 and pending:
+            pending = False
             codes = status.tolist()
             restart = torch.zeros_like(everyone)
             for i in sorted(in_trial):
@@ -926,7 +937,8 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
                     snaps[:, 0] = _where(restart, z[:, :numel].clamp(0, 1), snaps[:, 0])
                 optimiser.reset(restart, z, evaluate)
             in_rows = torch.tensor(sorted(in_trial), dtype=torch.long, device=device)
-        optimiser.prepare(in_trial_mask & (status == _RUNNING))
+        live = in_trial_mask & (status == _RUNNING)
+        optimiser.prepare(live)
     bar.close()
     share = (time.perf_counter() - start_time) / count
     return [_result(trials[i], finals[i], shape, numel, n, num_classes, mode, checked[i][1], share) for i in range(count)]
