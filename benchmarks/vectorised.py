@@ -13,7 +13,8 @@ Run: ``python benchmarks/vectorised.py`` (CPU, writes ``benchmarks/results/vecto
 by default the sequential path runs at 1 thread and the vectorised one at 1 thread and at every
 core (the thread policy, ``budget.threads_for``); ``--threads 1,2`` runs every path at each count instead;
 ``--batch 4 --n 10`` runs the 10 batches of 4 faces of ``benchmarks/image_attacks.py``'s batch
-table instead (chapter 3's attack, ``RECOMMENDED_BATCH``; writes ``vectorised_batch.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
+table instead (chapter 3's attack, ``RECOMMENDED_BATCH``; writes ``vectorised_batch_4.md``, and ``--batch 8`` the
+batches of 8 into ``vectorised_batch_8.md``); ``--fedavg`` runs chapter 6's nine FedAvg-aware attacks instead (``reconstruct_fedavg`` one after
 another against ``reconstruct_fedavg_many``; writes ``vectorised_fedavg.md``);
 ``DLGKIT_DEVICE=cuda python benchmarks/vectorised.py --quick`` on a GPU (4 images per set, 40
 iterations; writes ``vectorised_quick.md``).
@@ -182,14 +183,14 @@ def batches(count: int, size: int, threads: list[int]) -> None:
     loads = race(threads, run, row, lines)
     note = (f"`RECOMMENDED_BATCH`, batches of {size}, CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
             f"Load average (1, 5, 15 min) before the run and after each thread count: {' / '.join(loads)}. {time.perf_counter() - start:.0f} s in all.")
-    print(f"wrote {write_table('vectorised_batch', f'Batch attacks: sequential against vectorised ({count} batches of {size})', lines, note)}")
+    print(f"wrote {write_table(f'vectorised_batch_{size}', f'Batch attacks: sequential against vectorised ({count} batches of {size})', lines, note)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="images per set (default 20)")
     parser.add_argument("--fedavg", action="store_true", help="chapter 6's 9 FedAvg updates instead (writes vectorised_fedavg.md)")
-    parser.add_argument("--batch", type=int, default=0, metavar="SIZE", help="--n batches of SIZE faces instead (chapter 3; writes vectorised_batch.md)")
+    parser.add_argument("--batch", type=int, default=0, metavar="SIZE", help="--n batches of SIZE faces instead (chapter 3; writes vectorised_batch_SIZE.md)")
     parser.add_argument("--quick", action="store_true", help="4 images per set and 40 iterations (about 90 s on one GPU)")
     parser.add_argument("--threads", default="", help="comma-separated torch thread counts for every path (default: the thread policy, "
                         "budget.threads_for: sequential at 1, vectorised at 1 and at every core); --fedavg and --batch default to 1")
