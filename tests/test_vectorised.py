@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dlgkit import attacks, data, federated, models
-from dlgkit.attacks.vectorised import reconstruct_many
+from dlgkit.attacks import vectorised
+from dlgkit.attacks.vectorised import BatchedLBFGS, reconstruct_many
 from dlgkit.checks import SUCCESS_PSNR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
@@ -230,17 +231,77 @@ def test_history_matches_the_sequential_schedule(faces):
     assert result.iterations == 12 and result.losses[-1] < result.losses[0]
 
 
-def test_placement_on_a_simulated_gpu(faces):
+def _sync_free(monkeypatch):
+    """The CPU in a GPU's mode: L-BFGS rounds that read nothing from the device."""
+    monkeypatch.setitem(vectorised._OPTIMIZERS, "lbfgs", lambda z, config: BatchedLBFGS(z, config.step_size(), config.line_search, sync_free=True))
+
+
+def test_placement_on_a_simulated_gpu(faces, monkeypatch):
     x, y, nets, grads = faces
     config = attacks.RECOMMENDED.with_(iterations=3)
-    on_cpu = reconstruct_many(nets[:2], grads[:2], SHAPE, config, seeds=[0, 1])
     with simulated_cuda.simulated():
         gpu_nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i).to("cuda") for i in range(2)]
         gpu_grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(gpu_nets)]
         on_gpu = reconstruct_many(gpu_nets, gpu_grads, SHAPE, config, seeds=[0, 1])
         assert simulated_cuda.cuda_share() > 0.9
+    # the same arithmetic on the CPU: the same numbers, bit for bit (a GPU checks every 10th round)
+    _sync_free(monkeypatch)
+    on_cpu = reconstruct_many(nets[:2], grads[:2], SHAPE, config, seeds=[0, 1], check_every=10)
     for a, b in zip(on_cpu, on_gpu):
         assert b.reconstruction.device.type == "cpu" and torch.equal(a.reconstruction, b.reconstruction)
+
+
+def _float64(faces):
+    x, y, nets, _ = faces
+    nets64 = [copy.deepcopy(net).double() for net in nets]
+    return nets64, [federated.client_gradient(net, x[i : i + 1].double(), y[i : i + 1]) for i, net in enumerate(nets64)]
+
+
+def test_sync_free_rounds_agree_with_the_cpu_rounds(faces, monkeypatch):
+    # on a CPU a round evaluates only the problems that ask; in a GPU's mode every problem in a
+    # trial, and every direction is computed and masked: the same steps (float64, so that the
+    # order of a batched sum does not show)
+    nets64, grads64 = _float64(faces)
+    config = attacks.RECOMMENDED.with_(iterations=4, restarts=2, restart_policy="always")
+    picked = reconstruct_many(nets64, grads64, SHAPE, config, seeds=[0, 1, 2])
+    _sync_free(monkeypatch)
+    masked = reconstruct_many(nets64, grads64, SHAPE, config, seeds=[0, 1, 2])
+    for a, b in zip(picked, masked):
+        assert a.statuses == b.statuses and a.iterations == b.iterations
+        assert b.restart_losses == pytest.approx(a.restart_losses, rel=1e-4)
+        assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-6)
+
+
+def test_a_gpu_waits_for_the_device_only_at_checks(faces, monkeypatch):
+    """No L-BFGS round reads anything from the (simulated) GPU; the loop reads it only at its
+    checks, every ``check_every`` rounds (issue 16: no per-step host sync)."""
+    x, y, _, _ = faces
+    reads = simulated_cuda.counts
+    log: list[tuple[str, int, int]] = []  # (what, reads before, reads after)
+    for name in ("round", "prepare"):
+        method = getattr(BatchedLBFGS, name)
+
+        def timed(self, *args, _method=method, _name=name):
+            before = reads["host_reads"]
+            out = _method(self, *args)
+            log.append((_name, before, reads["host_reads"]))
+            return out
+
+        monkeypatch.setattr(BatchedLBFGS, name, timed)
+    with simulated_cuda.simulated():
+        on_gpu = torch.ones(3, device="cuda")
+        start = reads["host_reads"]
+        assert bool(on_gpu.sum() > 0) and on_gpu.nonzero().numel() == 3 and on_gpu.tolist() == [1.0] * 3
+        assert reads["host_reads"] == start + 3  # the counter sees what makes a GPU's host wait
+        gpu_nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i).to("cuda") for i in range(3)]
+        gpu_grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(gpu_nets)]
+        reconstruct_many(gpu_nets, gpu_grads, SHAPE, attacks.RECOMMENDED.with_(iterations=6), seeds=[0, 1, 2], check_every=5)
+    assert all(after == before for _, before, after in log), "a round or a direction read from the device"
+    rounds = [entry for entry in log if entry[0] == "round"]
+    assert len(rounds) > 40
+    # between one round's end and the next one's start: reads only after every 5th round
+    read_after = [k + 1 for k, (this, following) in enumerate(zip(rounds, rounds[1:])) if following[1] > this[2]]
+    assert read_after and all(k % 5 == 0 for k in read_after), read_after
 
 
 def _stack(nets, grads, y, config, shape=SHAPE, shared=False, joint=False):
@@ -479,6 +540,9 @@ def test_the_optimisers_explain_bad_arguments():
             make(z, -1.0)
     with pytest.raises(ValueError, match="line_search must be True"):
         BatchedLBFGS(z, 1.0, "strong_wolfe")
+    with pytest.raises(ValueError, match=r"sync_free must be True, False or None \(True off the CPU\), got 'yes'"):
+        BatchedLBFGS(z, 1.0, True, sync_free="yes")
+    assert BatchedLBFGS(z, 1.0, True).sync_free is False and BatchedLBFGS(z, 1.0, True, sync_free=True).sync_free is True
     with pytest.raises(ValueError, match="float32 or float64, got torch.bfloat16 variables"):
         BatchedLBFGS(z.bfloat16(), 1.0, True)
 

@@ -57,7 +57,9 @@ from dlgkit.federated import soft_cross_entropy
 __all__ = ["reconstruct_many", "gradient_of_loss", "FunctionalObserve", "BatchedAdam", "BatchedLBFGS"]
 
 # The optimisers call ``evaluate(mask, z) -> (gradient (P, D), objective (P,), distance (P,))``:
-# the values at the rows of ``z`` where ``mask`` is True (the other rows of the results are NaN).
+# the values at the rows of ``z`` where ``mask`` is True; the other rows of the results are NaN,
+# or values that the optimisers ignore (where ``reconstruct_many`` evaluates a superset of the
+# mask that the host knows, to spare the device a sync).
 
 _RUNNING, _CONVERGED, _STALLED, _DIVERGED, _BUDGET = 0, 1, 2, 3, 4
 _STATUS = {_CONVERGED: "converged", _STALLED: "stalled", _DIVERGED: "diverged", _BUDGET: "budget"}
@@ -163,23 +165,30 @@ class BatchedLBFGS:
 
     The problems advance in *rounds*: in each, every live problem evaluates its next trial
     point (all in one batched call), so problems at different stages of their steps and line
-    searches share every evaluation. A round reads one index set (which problems evaluate) from
-    the device: one host sync per round for all P problems.
+    searches share every evaluation. On a CPU a round reads from the device which problems turn
+    to a new direction, and :func:`reconstruct_many` which of them evaluate, so that only those
+    are computed (a CPU reads its own memory for free). With ``sync_free`` (the default off the
+    CPU) no round reads anything from the device: every problem's direction is computed and
+    kept where it turns (masks), as :func:`reconstruct_many` evaluates every problem in a trial,
+    so the host waits for the device only when it checks the problems' states.
     Defined in :doc:`/book/02_single_image_dlg`.
     """
 
     max_iter, max_eval, history_size = 20, 25, 100
     tolerance_grad, tolerance_change, c1, c2 = 1e-7, 1e-9, 1e-4, 0.9
 
-    def __init__(self, z: torch.Tensor, lr: float, line_search: bool) -> None:
+    def __init__(self, z: torch.Tensor, lr: float, line_search: bool, sync_free: bool | None = None) -> None:
         lr = _check_optimiser(z, lr)
         if z.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the batched L-BFGS solves its linear systems in float32 or float64, got {z.dtype} variables; "
                              "convert the model (model.float()) and its gradient, or use optimizer='adam'.")
         if not isinstance(line_search, bool):
             raise ValueError(f"line_search must be True (strong-Wolfe) or False (a fixed step of lr), got {line_search!r}.")
+        if sync_free is not None and not isinstance(sync_free, bool):
+            raise ValueError(f"sync_free must be True, False or None (True off the CPU), got {sync_free!r}.")
         p, d = z.shape
         self.lr, self.line_search = lr, line_search
+        self.sync_free = z.device.type != "cpu" if sync_free is None else sync_free
         self.rows = torch.arange(p, device=z.device)
         # the pairs in ring buffers: pairs[:, j] is s and pairs[:, m + j] is y of slot j; sy[j, k] =
         # s_j . y_k and yy[j, k] = y_j . y_k (one pass over the history per product, see _store_pair)
@@ -231,10 +240,13 @@ class BatchedLBFGS:
         self.idle = self.idle | (start & optimal)
         turn = live & (self.turn | (start & ~optimal))
         self.ended, self.turn = self.ended & ~live, self.turn & ~live
-        rows = turn.nonzero().flatten()
-        if rows.numel() == 0:
-            return
-        if 2 * rows.numel() > turn.numel():  # most problems turn: work on all, masked
+        if self.sync_free:  # which problems turn stays on the device: work on all, masked
+            rows = self.rows
+        else:
+            rows = turn.nonzero().flatten()
+            if rows.numel() == 0:
+                return
+        if rows is self.rows or 2 * rows.numel() > turn.numel():  # most problems turn: work on all, masked
             rows, take, chosen = self.rows, (lambda t: t), turn
         else:  # a few: work on copies of their rows
             take, chosen = (lambda t: t.index_select(0, rows)), torch.ones_like(rows, dtype=torch.bool)
@@ -876,9 +888,12 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
     in_trial_mask = everyone.clone()
     in_rows = rows.clone()
 
+    picks_rows = lbfgs and not optimiser.sync_free
+
     def evaluate(mask: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # L-BFGS's line search picks its rows on the device; Adam evaluates every problem in a trial
-        return problems.evaluate(mask, at, None if lbfgs else in_rows)
+        # on a CPU an L-BFGS round evaluates only the problems that ask (the mask, read by the
+        # host); off the CPU, and for Adam, every problem in a trial (rows the host knows: no sync)
+        return problems.evaluate(mask, at, None if picks_rows else in_rows)
 
     bar = tqdm(total=count, desc=f"DLG x{count}", disable=not progress_enabled(progress), leave=False)
     live = everyone.clone()

@@ -45,8 +45,14 @@ _CROSS_DEVICE_OK = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor
 
 
 #: How many operations ran on each device since :func:`install` (or the last reset): a check
-#: that the work really went to the GPU, not only that nothing was mixed up.
-counts = {"cuda": 0, "cpu": 0}
+#: that the work really went to the GPU, not only that nothing was mixed up. ``host_reads``
+#: counts the operations that make a real GPU's host wait for the device: a value read into
+#: Python (``item``, ``bool``, ``int``, ``float``, ``tolist``), a copy to the CPU, or an
+#: operation whose result's size depends on the data (``nonzero``, ``masked_select``).
+counts = {"cuda": 0, "cpu": 0, "host_reads": 0}
+
+# results whose shape depends on the values: the host must read them before it goes on
+_DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default}
 
 
 def cuda_share() -> float:
@@ -81,6 +87,7 @@ class SimulatedCudaTensor(torch.Tensor):
         return self.numpy()
 
     def tolist(self):
+        counts["host_reads"] += 1
         return self.elem.tolist()
 
     def __format__(self, spec: str) -> str:  # f"{loss:.2e}" works on a CUDA scalar
@@ -146,6 +153,8 @@ def _dispatch(func, args, kwargs):
         to_cuda = to_cuda or bool(on_cuda)
     out = func(*args, **kwargs)
     counts["cuda" if to_cuda or on_cuda else "cpu"] += 1
+    if on_cuda and (func in _DATA_DEPENDENT or not to_cuda):  # a result the host reads from the device
+        counts["host_reads"] += 1
     if func is aten._local_scalar_dense.default or not to_cuda:
         return out
 
@@ -277,7 +286,7 @@ def install() -> None:
     _device_constructors()
     for name in ("tensor", "as_tensor", "asarray"):
         _patch(torch, name, _from_data(getattr(torch, name)))
-    counts.update(cuda=0, cpu=0)
+    counts.update(cuda=0, cpu=0, host_reads=0)
     _mode = _Mode()
     _mode.__enter__()
 
