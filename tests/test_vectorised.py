@@ -304,6 +304,26 @@ def test_a_gpu_waits_for_the_device_only_at_checks(faces, monkeypatch):
     assert read_after and all(k % 5 == 0 for k in read_after), read_after
 
 
+def test_a_clamped_attack_on_a_gpu_refreshes_only_after_a_step(faces, monkeypatch):
+    """With ``clamp`` the projection after a step needs an evaluation: off the CPU the loop reads
+    whether a step ended rather than evaluate every problem in every round."""
+    x, y, _, _ = faces
+    refreshed: list[int] = []
+    refresh = BatchedLBFGS.refresh
+
+    def counted(self, rows, z, evaluate):
+        refreshed.append(int(rows.sum()))
+        return refresh(self, rows, z, evaluate)
+
+    monkeypatch.setattr(BatchedLBFGS, "refresh", counted)
+    with simulated_cuda.simulated():
+        gpu_nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i).to("cuda") for i in range(2)]
+        gpu_grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(gpu_nets)]
+        results = reconstruct_many(gpu_nets, gpu_grads, SHAPE, attacks.RECOMMENDED.with_(iterations=4, clamp=True), seeds=[0, 1])
+    assert len(refreshed) >= 4 and min(refreshed) >= 1, refreshed  # one call per round that ended a step, none empty
+    assert all(float(r.reconstruction.min()) >= 0 and float(r.reconstruction.max()) <= 1 for r in results)
+
+
 def _stack(nets, grads, y, config, shape=SHAPE, shared=False, joint=False):
     """The engine's batched objective for these problems (as reconstruct_many builds it)."""
     from dlgkit.attacks.vectorised import _Stack

@@ -165,12 +165,14 @@ class BatchedLBFGS:
 
     The problems advance in *rounds*: in each, every live problem evaluates its next trial
     point (all in one batched call), so problems at different stages of their steps and line
-    searches share every evaluation. On a CPU a round reads from the device which problems turn
-    to a new direction, and :func:`reconstruct_many` which of them evaluate, so that only those
-    are computed (a CPU reads its own memory for free). With ``sync_free`` (the default off the
-    CPU) no round reads anything from the device: every problem's direction is computed and
-    kept where it turns (masks), as :func:`reconstruct_many` evaluates every problem in a trial,
-    so the host waits for the device only when it checks the problems' states.
+    searches share every evaluation. Without ``sync_free`` (the default on a CPU, which reads its
+    own memory for free) :meth:`prepare` reads which problems turn to a new direction and
+    computes only theirs, and :func:`reconstruct_many` reads which problems ask for an
+    evaluation and evaluates only those. With ``sync_free`` (the default off the CPU)
+    :meth:`prepare` computes every problem's direction and keeps it where the problem turns
+    (masks), and :func:`reconstruct_many` evaluates every problem in a trial (rows the host
+    knows): nothing is read from the device between its checks of the problems' states (an
+    ``evaluate`` that read its mask would still make the host wait).
     Defined in :doc:`/book/02_single_image_dlg`.
     """
 
@@ -771,8 +773,8 @@ def reconstruct_many(
     - ``history_every``: snapshots as in ``reconstruct``; ``check_every``: how many rounds (one
       batched evaluation each: an Adam step, an L-BFGS trial point) pass between the reads of the
       problems' states by the host (to end and restart trials); None is 1 on a CPU and 10 on a
-      GPU. A CPU also skips the read after a round in which no problem ended a step. It changes
-      only when a finished problem restarts, never a result.
+      GPU. A check is skipped when no problem has ended a step since the previous one. It
+      changes only when a finished problem restarts, never a result.
 
     Each problem keeps its own optimiser state (:class:`BatchedAdam`, :class:`BatchedLBFGS`),
     stopping rule and restarts, as ``config`` asks. Returns one
@@ -904,8 +906,10 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
         z, done, current = optimiser.round(z, evaluate, live)
         done = done & live  # these problems ended a step: record it and apply the stopping rules
         # on a CPU, reading whether any did costs nothing, and most L-BFGS rounds end no step:
-        # they skip this bookkeeping (a no-op for them) and the check (nothing changed)
-        if not on_cpu or bool(done.any()):
+        # they skip this bookkeeping (a no-op for them) and the next check (nothing changed). Off
+        # the CPU the bookkeeping runs masked, without a read, except with ``clamp``: there the
+        # projection costs an evaluation, so one read per round spares it where no step ended
+        if (not on_cpu and not config.clamp) or bool(done.any()):
             pending = True
             if config.clamp:
                 z = torch.cat([_where(done, z[:, :numel].clamp(0, 1), z[:, :numel]), z[:, numel:]], dim=1)
