@@ -272,22 +272,26 @@ def test_sync_free_rounds_agree_with_the_cpu_rounds(faces, monkeypatch):
         assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-6)
 
 
-def test_a_gpu_waits_for_the_device_only_at_checks(faces, monkeypatch):
-    """No L-BFGS round reads anything from the (simulated) GPU; the loop reads it only at its
-    checks, every ``check_every`` rounds (issue 16: no per-step host sync)."""
+@pytest.mark.parametrize("config", [attacks.RECOMMENDED.with_(iterations=6),
+                                    attacks.AttackConfig(optimizer="adam", lr=0.05, iterations=50, tol=None, clamp=True)],
+                         ids=["lbfgs", "adam-clamped"])
+def test_a_gpu_waits_for_the_device_only_at_checks(faces, monkeypatch, config):
+    """No round reads anything from the (simulated) GPU; the loop reads it only at its checks,
+    every ``check_every`` rounds (issue 16: no per-step host sync)."""
     x, y, _, _ = faces
     reads = simulated_cuda.counts
     log: list[tuple[str, int, int]] = []  # (what, reads before, reads after)
-    for name in ("round", "prepare"):
-        method = getattr(BatchedLBFGS, name)
+    for cls in (BatchedLBFGS, vectorised.BatchedAdam):
+        for name in ("round", "prepare"):
+            method = getattr(cls, name)
 
-        def timed(self, *args, _method=method, _name=name):
-            before = reads["host_reads"]
-            out = _method(self, *args)
-            log.append((_name, before, reads["host_reads"]))
-            return out
+            def timed(self, *args, _method=method, _name=name):
+                before = reads["host_reads"]
+                out = _method(self, *args)
+                log.append((_name, before, reads["host_reads"]))
+                return out
 
-        monkeypatch.setattr(BatchedLBFGS, name, timed)
+            monkeypatch.setattr(cls, name, timed)
     with simulated_cuda.simulated():
         on_gpu = torch.ones(3, device="cuda")
         start = reads["host_reads"]
@@ -295,7 +299,7 @@ def test_a_gpu_waits_for_the_device_only_at_checks(faces, monkeypatch):
         assert reads["host_reads"] == start + 3  # the counter sees what makes a GPU's host wait
         gpu_nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i).to("cuda") for i in range(3)]
         gpu_grads = [federated.client_gradient(net, x[i : i + 1], y[i : i + 1]) for i, net in enumerate(gpu_nets)]
-        reconstruct_many(gpu_nets, gpu_grads, SHAPE, attacks.RECOMMENDED.with_(iterations=6), seeds=[0, 1, 2], check_every=5)
+        reconstruct_many(gpu_nets, gpu_grads, SHAPE, config, seeds=[0, 1, 2], check_every=5)
     assert all(after == before for _, before, after in log), "a round or a direction read from the device"
     rounds = [entry for entry in log if entry[0] == "round"]
     assert len(rounds) > 40

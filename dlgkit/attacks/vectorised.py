@@ -900,16 +900,17 @@ def _solve(model_list, checked, mode, shape, num_classes, config, seeds, history
     bar = tqdm(total=count, desc=f"DLG x{count}", disable=not progress_enabled(progress), leave=False)
     live = everyone.clone()
     optimiser.prepare(live)
-    rounds, on_cpu, pending = 0, device.type == "cpu", False
+    rounds, pending = 0, False
+    reads_done = device.type == "cpu" or (lbfgs and config.clamp)  # whether a round reads if a step ended
     while in_trial:
         rounds += 1
         z, done, current = optimiser.round(z, evaluate, live)
         done = done & live  # these problems ended a step: record it and apply the stopping rules
         # on a CPU, reading whether any did costs nothing, and most L-BFGS rounds end no step:
         # they skip this bookkeeping (a no-op for them) and the next check (nothing changed). Off
-        # the CPU the bookkeeping runs masked, without a read, except with ``clamp``: there the
+        # the CPU the bookkeeping runs masked, without a read, except for a clamped L-BFGS: its
         # projection costs an evaluation, so one read per round spares it where no step ended
-        if (not on_cpu and not config.clamp) or bool(done.any()):
+        if not reads_done or bool(done.any()):
             pending = True
             if config.clamp:
                 z = torch.cat([_where(done, z[:, :numel].clamp(0, 1), z[:, :numel]), z[:, numel:]], dim=1)
