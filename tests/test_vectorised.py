@@ -78,12 +78,17 @@ def test_shared_model_known_labels_and_joint_labels(faces):
         assert r.report(x[i : i + 1], y[i : i + 1]).label_accuracy == 1.0
 
 
+def _float64(faces):
+    x, y, nets, _ = faces
+    nets64 = [copy.deepcopy(net).double() for net in nets]
+    return nets64, [federated.client_gradient(net, x[i : i + 1].double(), y[i : i + 1]) for i, net in enumerate(nets64)]
+
+
 def test_stopping_and_restarts_are_per_problem(faces):
     x, y, nets, grads = faces
     # in float64: which problems share an evaluation changes the float32 rounding, which
     # L-BFGS amplifies within a few steps; the logic must not depend on when the host looks
-    nets64 = [copy.deepcopy(net).double() for net in nets]
-    grads64 = [federated.client_gradient(net, x[i : i + 1].double(), y[i : i + 1]) for i, net in enumerate(nets64)]
+    nets64, grads64 = _float64(faces)
     config = attacks.AttackConfig(iterations=4, restarts=3, tol=None, patience=None, restart_policy="always")
     every_step = reconstruct_many(nets64, grads64, SHAPE, config, seeds=[0, 1, 2], check_every=1)
     seldom = reconstruct_many(nets64, grads64, SHAPE, config, seeds=[0, 1, 2], check_every=3)
@@ -249,12 +254,6 @@ def test_placement_on_a_simulated_gpu(faces, monkeypatch):
     on_cpu = reconstruct_many(nets[:2], grads[:2], SHAPE, config, seeds=[0, 1], check_every=10)
     for a, b in zip(on_cpu, on_gpu):
         assert b.reconstruction.device.type == "cpu" and torch.equal(a.reconstruction, b.reconstruction)
-
-
-def _float64(faces):
-    x, y, nets, _ = faces
-    nets64 = [copy.deepcopy(net).double() for net in nets]
-    return nets64, [federated.client_gradient(net, x[i : i + 1].double(), y[i : i + 1]) for i, net in enumerate(nets64)]
 
 
 def test_sync_free_rounds_agree_with_the_cpu_rounds(faces, monkeypatch):

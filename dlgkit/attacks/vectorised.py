@@ -274,7 +274,7 @@ class BatchedLBFGS:
     def _put(self, slot: int | torch.Tensor, mask: torch.Tensor, t: torch.Tensor, f: torch.Tensor, gtd: torch.Tensor, g: torch.Tensor,
              dist: torch.Tensor) -> None:
         """Write a point of the line search into its ``slot`` (0 or 1, for all or per problem) where ``mask``."""
-        at = (slice(None), slot) if isinstance(slot, int) else (self.rows, slot)  # a view for an int slot (cheaper)
+        at = self._slot(slot)
         for store, value in ((self.bs, torch.stack([t, f, gtd, dist], dim=1)), (self.bg, g)):
             store[at] = _where(mask, value, store[at])
 
@@ -282,10 +282,15 @@ class BatchedLBFGS:
         """Per problem, the slot (0 or 1) of the line search's point with the lower objective (0 on a tie)."""
         return (~(self.bf[:, 0] <= self.bf[:, 1])).long()
 
+    def _slot(self, slot: int | torch.Tensor) -> tuple:
+        """The index of a line-search slot in the stores: one slot for all problems (an int: a
+        view, cheaper) or one per problem (a tensor)."""
+        return (slice(None), slot) if isinstance(slot, int) else (self.rows, slot)
+
     def _point(self, slot: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The line-search point in ``slot`` (0 or 1, for all or per problem): step, objective,
         slope, gradient, distance (views of the store for an int slot)."""
-        at = (slice(None), slot) if isinstance(slot, int) else (self.rows, slot)
+        at = self._slot(slot)
         t, f, gtd, dist = self.bs[at].unbind(1)
         return t, f, gtd, self.bg[at], dist
 
