@@ -286,7 +286,9 @@ def test_the_vectorised_sweep_agrees_with_one_attack_at_a_time():
         assert a["relative_change"] == pytest.approx(b["relative_change"])  # the same shared gradients
         assert b["attack_time"] >= 0
     none, noisy, pruned, private, half = many
-    assert none["leaks"] and half["leaks"] and abs(none["psnr"] - one[0]["psnr"]) < 10
+    # both undefended attacks reconstruct to within float32 rounding (beyond 50 dB the PSNR
+    # measures where each stopped in that rounding, e.g. 57.6 against 71.2 dB, not the attack)
+    assert none["leaks"] and half["leaks"] and min(none["psnr"], one[0]["psnr"]) > 50
     assert noisy["stopped"] and private["stopped"] and abs(noisy["psnr"] - one[1]["psnr"]) < 3
     assert math.isnan(pruned["psnr"]) and pruned["reconstructions"].abs().sum() == 0
     with pytest.raises(TypeError, match="vectorised"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from dlgkit import attacks, data, federated, models
 from dlgkit.attacks import vectorised
@@ -376,6 +377,76 @@ def test_the_factored_linear_head_is_the_plain_objective(distance, float64, join
                 assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (a - b).norm() / b.norm()
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("float64", [False, True])
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_grouped_objective_is_the_vmap_one(distance, float64, joint):
+    """LeNet's P bodies as one grouped convolution per layer, with the inner backward written
+    out: the same objective and gradient as the vmap one, for every activation, one image and
+    batches, per-problem and shared models, near and far from the answer."""
+    gen = torch.Generator().manual_seed(7)
+    config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-3)
+    for activation, n, shared in (("sigmoid", 1, False), ("relu", 3, True), ("tanh", 3, False), ("sigmoid", 2, True)):
+        shape = (n, 2, 16, 16)
+        nets = [models.LeNet(channels=2, num_classes=10, image_size=16, activation=activation, seed=i) for i in range(4)]
+        if shared:
+            nets = [nets[0]] * 4
+        x = torch.rand((4, *shape), generator=gen)
+        y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
+        grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
+        stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+        assert stack.head and stack.grouped, (activation, n, shared)
+        extra = n * 10 if joint else 0
+        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
+        far = torch.rand(near.shape, generator=gen)
+        for z in (near, far):
+            args = stack._args(lambda t: t, z)
+            g_vmap, (v_vmap, d_vmap) = stack.batched[True](*args)
+            g_mine, (v_mine, d_mine) = stack._grouped_objective(*args)
+            atol = 5e-7 if distance == "cosine" and not float64 else 1e-9
+            assert torch.allclose(d_mine.double(), d_vmap.double(), rtol=2e-4, atol=atol), (activation, d_mine, d_vmap)
+            assert torch.allclose(v_mine.double(), v_vmap.double(), rtol=2e-4, atol=atol)
+            for a, b in zip(g_mine, g_vmap):
+                assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (activation, (a - b).norm() / b.norm())
+
+
+def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
+    """Only a body of plain convolutions and known activations runs grouped; a grouped
+    objective that disagrees with vmap's is not used (the check before the run), and a problem
+    whose weights are NaN neither turns the grouped path off nor changes another's numbers."""
+    from dlgkit.attacks import vectorised
+    from dlgkit.attacks.vectorised import _grouped_body
+
+    _, y, nets, grads = faces
+    assert _grouped_body(nets[0]) and _stack(nets, grads, y[:, None], attacks.RECOMMENDED).grouped
+    for change in (lambda net: net.body.append(nn.AvgPool2d(1)), lambda net: setattr(net.body[0], "padding_mode", "reflect"),
+                   lambda net: net.body.__setitem__(1, nn.Softplus())):
+        other = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0)
+        change(other)
+        assert not _grouped_body(other)
+    # scaled observations (FedAvg's updates divided by their step size) take the plain objective
+    plain = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
+    scaled = vectorised._Stack(plain.template, plain.params, {}, False, plain.target, plain.labels, SHAPE, 10, False, attacks.RECOMMENDED,
+                               scale=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    assert not scaled.head and not scaled.grouped
+    # a wrong backward for the sigmoid: the grouped objective disagrees, so the vmap one is used
+    # and the run's numbers are still the model's
+    monkeypatch.setitem(vectorised._ACTIVATION_BACKWARD, nn.Sigmoid, torch.ops.aten.tanh_backward)
+    wrong = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
+    assert wrong.head and not wrong.grouped
+    monkeypatch.undo()
+    broken = models.LeNet(channels=1, num_classes=10, image_size=16, seed=1)
+    with torch.no_grad():
+        broken.fc.bias[0] = math.nan
+    clean = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
+    mixed = _stack([broken, nets[1], nets[2]], grads, y[:, None], attacks.RECOMMENDED)
+    assert mixed.grouped
+    z = torch.rand(3, 256, generator=torch.Generator().manual_seed(2))
+    everyone = torch.ones(3, dtype=torch.bool)
+    (g_clean, v_clean, _), (g_mixed, v_mixed, _) = clean.evaluate(everyone, z), mixed.evaluate(everyone, z)
+    assert torch.isnan(v_mixed[0]) and torch.equal(g_mixed[1:], g_clean[1:]) and torch.equal(v_mixed[1:], v_clean[1:])
+
+
 def test_the_linear_head_shortcut_is_used_only_where_it_holds(faces):
     from dlgkit.attacks import vectorised
     from dlgkit.attacks.vectorised import _linear_head
@@ -406,22 +477,29 @@ def test_the_linear_head_shortcut_is_used_only_where_it_holds(faces):
 
 
 def test_one_problem_alone_is_solved_as_in_the_batch(faces):
-    """A problem alone (the tail of a run) goes through the objective without vmap: the same
-    gradient and value as its row in a batched call."""
+    """A problem alone (the tail of a run) gets the same gradient and value as its row in a
+    batched call: bit for bit on the grouped path (it runs as two copies of itself), up to
+    float32 rounding on the vmap path (alone it skips vmap)."""
     _, y, nets, grads = faces
     stack = _stack(nets, grads, y[:, None], attacks.RECOMMENDED.with_(tv=1e-3))
     z = torch.rand(3, 256, generator=torch.Generator().manual_seed(1))
     everyone = torch.ones(3, dtype=torch.bool)
-    g_all, v_all, d_all = stack.evaluate(everyone, z)
-    for i in range(3):
-        mask = torch.zeros(3, dtype=torch.bool)
-        mask[i] = True
-        g, v, d = stack.evaluate(mask, z)
-        # up to float32 rounding (vmap runs the batched kernels, e.g. grouped convolutions)
-        assert float((g[i] - g_all[i]).norm()) <= 1e-5 * float(g_all[i].norm()) and math.isclose(v[i], v_all[i], rel_tol=1e-5)
-        assert math.isclose(d[i], d_all[i], rel_tol=1e-5)
-        others = [j for j in range(3) if j != i]
-        assert torch.isnan(g[others]).all() and torch.isnan(v[others]).all()
+    for grouped in (True, False):
+        assert stack.grouped
+        stack.grouped = grouped
+        g_all, v_all, d_all = stack.evaluate(everyone, z)
+        for i in range(3):
+            mask = torch.zeros(3, dtype=torch.bool)
+            mask[i] = True
+            g, v, d = stack.evaluate(mask, z)
+            if grouped:
+                assert torch.equal(g[i], g_all[i]) and v[i] == v_all[i] and d[i] == d_all[i]
+            else:  # up to float32 rounding (vmap runs the batched kernels, e.g. grouped convolutions)
+                assert float((g[i] - g_all[i]).norm()) <= 1e-5 * float(g_all[i].norm()) and math.isclose(v[i], v_all[i], rel_tol=1e-5)
+                assert math.isclose(d[i], d_all[i], rel_tol=1e-5)
+            others = [j for j in range(3) if j != i]
+            assert torch.isnan(g[others]).all() and torch.isnan(v[others]).all()
+        stack.grouped = True
 
 
 def test_a_subset_of_problems_gets_its_own_rows(faces):
