@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -342,6 +343,24 @@ def _stack(nets, grads, y, config, shape=SHAPE, shared=False, joint=False):
     return _Stack(template, params, {}, shared, target, labels, shape, template.num_classes, joint, config)
 
 
+def _random_problems(gen, config, joint, cases, channels):
+    """For each ``(activation, n, shared)`` case, 4 problems on LeNets (16x16 images with
+    ``channels`` channels, batches of n, one shared model or one each): the models, the
+    engine's stack and two points, one near the answer and one far from it."""
+    for activation, n, shared in cases:
+        shape = (n, channels, 16, 16)
+        nets = [models.LeNet(channels=channels, num_classes=10, image_size=16, activation=activation, seed=i) for i in range(4)]
+        if shared:
+            nets = [nets[0]] * 4
+        x = torch.rand((4, *shape), generator=gen)
+        y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
+        grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
+        stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+        extra = n * 10 if joint else 0
+        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
+        yield nets, stack, (near, torch.rand(near.shape, generator=gen))
+
+
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("float64", [False, True])
 @pytest.mark.parametrize("joint", [False, True])
@@ -352,22 +371,11 @@ def test_the_factored_linear_head_is_the_plain_objective(distance, float64, join
     answer."""
     from dlgkit.attacks.vectorised import _linear_head
 
-    gen = torch.Generator().manual_seed(5)
     config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-3)
-    for n, shared in ((1, False), (3, True)):
-        shape = (n, 1, 16, 16)
-        nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i) for i in range(4)]
-        if shared:
-            nets = [nets[0]] * 4
-        x = torch.rand((4, *shape), generator=gen)
-        y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
-        grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
-        stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+    cases = (("sigmoid", 1, False), ("sigmoid", 3, True))
+    for nets, stack, points in _random_problems(torch.Generator().manual_seed(5), config, joint, cases, channels=1):
         assert _linear_head(nets[0], [k for k, _ in nets[0].named_parameters()]) and stack.head
-        extra = n * 10 if joint else 0
-        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
-        far = torch.rand(near.shape, generator=gen)
-        for z in (near, far):
+        for z in points:
             g_plain, (v_plain, d_plain) = stack.batched[False](*stack._args(lambda t: t, z, head=False))
             g_head, (v_head, d_head) = stack.batched[True](*stack._args(lambda t: t, z, head=True))
             atol = 5e-7 if distance == "cosine" and not float64 else 1e-9  # a float32 cosine's own rounding
@@ -384,22 +392,11 @@ def test_the_grouped_objective_is_the_vmap_one(distance, float64, joint):
     """LeNet's P bodies as one grouped convolution per layer, with the inner backward written
     out: the same objective and gradient as the vmap one, for every activation, one image and
     batches, per-problem and shared models, near and far from the answer."""
-    gen = torch.Generator().manual_seed(7)
     config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-3)
-    for activation, n, shared in (("sigmoid", 1, False), ("relu", 3, True), ("tanh", 3, False), ("sigmoid", 2, True)):
-        shape = (n, 2, 16, 16)
-        nets = [models.LeNet(channels=2, num_classes=10, image_size=16, activation=activation, seed=i) for i in range(4)]
-        if shared:
-            nets = [nets[0]] * 4
-        x = torch.rand((4, *shape), generator=gen)
-        y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
-        grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
-        stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+    cases = (("sigmoid", 1, False), ("relu", 3, True), ("tanh", 3, False), ("sigmoid", 2, True))
+    for (activation, n, shared), (_, stack, points) in zip(cases, _random_problems(torch.Generator().manual_seed(7), config, joint, cases, channels=2)):
         assert stack.head and stack.grouped, (activation, n, shared)
-        extra = n * 10 if joint else 0
-        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
-        far = torch.rand(near.shape, generator=gen)
-        for z in (near, far):
+        for z in points:
             args = stack._args(lambda t: t, z)
             g_vmap, (v_vmap, d_vmap) = stack.batched[True](*args)
             g_mine, (v_mine, d_mine) = stack._grouped_objective(*args)
@@ -410,6 +407,7 @@ def test_the_grouped_objective_is_the_vmap_one(distance, float64, joint):
                 assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (activation, (a - b).norm() / b.norm())
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over weight_norm, which the test runs on purpose
 def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
     """Only a body of plain convolutions and known activations runs grouped; a grouped
     objective that disagrees with vmap's is not used (the check before the run), and a problem
@@ -420,10 +418,19 @@ def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
     _, y, nets, grads = faces
     assert _grouped_body(nets[0]) and _stack(nets, grads, y[:, None], attacks.RECOMMENDED).grouped
     for change in (lambda net: net.body.append(nn.AvgPool2d(1)), lambda net: setattr(net.body[0], "padding_mode", "reflect"),
-                   lambda net: net.body.__setitem__(1, nn.Softplus())):
-        other = models.LeNet(channels=1, num_classes=10, image_size=16, seed=0)
-        change(other)
-        assert not _grouped_body(other)
+                   lambda net: net.body.__setitem__(1, nn.Softplus()), lambda net: setattr(net, "body", nn.Sequential(nn.Sigmoid())),
+                   lambda net: nn.utils.parametrizations.weight_norm(net.body[2]), lambda net: nn.utils.weight_norm(net.body[2])):
+        others = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i) for i in range(3)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm says it is deprecated
+            for other in others:
+                change(other)
+        assert not _grouped_body(others[0])
+        # the engine still builds (on vmap) and runs such a model
+        if isinstance(others[0].body[0], nn.Conv2d):
+            other_grads = [federated.client_gradient(net, torch.rand(1, 1, 16, 16), y[i : i + 1]) for i, net in enumerate(others)]
+            results = reconstruct_many(others, other_grads, SHAPE, attacks.RECOMMENDED.with_(iterations=2), seeds=[0, 1, 2], progress=False)
+            assert all(math.isfinite(r.losses[-1]) for r in results)
     # scaled observations (FedAvg's updates divided by their step size) take the plain objective
     plain = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
     scaled = vectorised._Stack(plain.template, plain.params, {}, False, plain.target, plain.labels, SHAPE, 10, False, attacks.RECOMMENDED,
@@ -445,6 +452,28 @@ def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
     everyone = torch.ones(3, dtype=torch.bool)
     (g_clean, v_clean, _), (g_mixed, v_mixed, _) = clean.evaluate(everyone, z), mixed.evaluate(everyone, z)
     assert torch.isnan(v_mixed[0]) and torch.equal(g_mixed[1:], g_clean[1:]) and torch.equal(v_mixed[1:], v_clean[1:])
+
+
+def test_frozen_weights_of_each_problem_are_its_own():
+    """A frozen body weight that differs between the problems' models is each problem's own on
+    every path (the factored head used to take model 0's), and a frozen scalar parameter does not
+    trip the checks before the run."""
+    gen = torch.Generator().manual_seed(3)
+    nets = [models.LeNet(channels=1, num_classes=10, image_size=16, seed=i) for i in range(3)]
+    for net in nets:
+        net.body[0].weight.requires_grad_(False)
+        net.register_parameter("scalar", nn.Parameter(torch.tensor(1.0), requires_grad=False))
+    x, y = torch.rand((3, 1, 1, 16, 16), generator=gen), torch.tensor([[1], [4], [7]])
+    grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
+    stack = _stack(nets, grads, y, attacks.RECOMMENDED)
+    assert stack.head and stack.grouped
+    z = torch.rand((3, 256), generator=gen)
+    g_plain, (v_plain, _) = stack.batched[False](*stack._args(lambda t: t, z, head=False))
+    head = stack.batched[True](*stack._args(lambda t: t, z, head=True))
+    grouped = stack._grouped_objective(*stack._args(lambda t: t, z))
+    for g, (v, _) in (head, grouped):
+        assert torch.allclose(v.double(), v_plain.double(), rtol=1e-4)
+        assert float((g - g_plain).norm()) <= 1e-3 * float(g_plain.norm())
 
 
 def test_the_linear_head_shortcut_is_used_only_where_it_holds(faces):
@@ -478,8 +507,8 @@ def test_the_linear_head_shortcut_is_used_only_where_it_holds(faces):
 
 def test_one_problem_alone_is_solved_as_in_the_batch(faces):
     """A problem alone (the tail of a run) gets the same gradient and value as its row in a
-    batched call: bit for bit on the grouped path (it runs as two copies of itself), up to
-    float32 rounding on the vmap path (alone it skips vmap)."""
+    batched call: here bit for bit on the grouped path (it runs as two copies of itself, through
+    the kernels of a batch), up to float32 rounding on the vmap path (alone it skips vmap)."""
     _, y, nets, grads = faces
     stack = _stack(nets, grads, y[:, None], attacks.RECOMMENDED.with_(tv=1e-3))
     z = torch.rand(3, 256, generator=torch.Generator().manual_seed(1))

@@ -25,7 +25,7 @@ problems, ``benchmarks/vectorised.py``):
   (:class:`BatchedLBFGS`);
 - a call where most problems are asked evaluates them all instead of copying the asked rows'
   weights and targets; a problem left alone at the end of a run is solved without ``vmap``
-  (on the grouped path: as two copies of itself, so that it rounds as in any batch).
+  (on the grouped path: as two copies of itself, through the same grouped kernels as a batch).
 
 The results are the same :class:`~dlgkit.attacks.image.AttackResult` objects as
 :func:`~dlgkit.attacks.image.reconstruct`'s, one per problem. With Adam the per-problem
@@ -585,16 +585,25 @@ def _grouped_body(template: nn.Module) -> bool:
     zero padding) and element-wise activations, with no buffers (the paper's
     :class:`~dlgkit.models.LeNet`): then P problems' bodies run as one grouped convolution per
     layer (see ``_Stack``)."""
+    from torch.nn.utils import parametrize
+
     body = getattr(template, "body", None)
-    if not isinstance(body, nn.Sequential) or any(True for _ in body.buffers()):
+    if type(body) is not nn.Sequential or any(True for _ in body.buffers()) or body._forward_hooks or body._forward_pre_hooks:
         return False
+    convs = 0
     for layer in body:
-        if isinstance(layer, nn.Conv2d):
+        if layer._forward_hooks or layer._forward_pre_hooks:  # e.g. the old, hook-style weight_norm
+            return False
+        if type(layer) is nn.Conv2d:
+            own = {name for name, _ in layer.named_parameters(recurse=False)}
+            if own != {"weight"} | ({"bias"} if layer.bias is not None else set()) or parametrize.is_parametrized(layer):
+                return False  # its weight is computed (weight_norm, a parametrization), not a parameter
             if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 return False
+            convs += 1
         elif type(layer) not in _ACTIVATION_BACKWARD:
             return False
-    return True
+    return convs > 0
 
 
 @dataclass
@@ -681,7 +690,8 @@ class _Stack:
             """The gradient with the head's weight gradient left as ``delta' h``: the body's
             gradients and the head's bias gradient, ``delta`` (N, classes) and ``h`` (N, features)."""
             body_buffers = {k[5:]: v for k, v in buffers.items() if k.startswith("body.")}
-            features, pull = vjp(lambda p: functional_call(self.template.body, (p, body_buffers), (x,)).flatten(1),
+            frozen = {k[5:]: v for k, v in params.items() if k.startswith("body.") and k not in body_names}  # each problem's own
+            features, pull = vjp(lambda p: functional_call(self.template.body, ({**frozen, **p}, body_buffers), (x,)).flatten(1),
                                  {k[5:]: params[k] for k in body_names})
             weight = params["fc.weight"]
             delta = grad(lambda logits: soft_cross_entropy(logits, y))(F.linear(features, weight, params["fc.bias"]))
@@ -727,25 +737,28 @@ class _Stack:
 
     def _same_objectives(self) -> bool:
         """The factored gradient against the model's own (``torch.func.grad`` of the loss through
-        ``forward``) for the first problem whose weights are finite, at a random input: the same
-        tensors up to float32 rounding, else the plain objective is used (a model whose
+        ``forward``) for the first two problems whose weights are finite, at a random input: the
+        same tensors up to float32 rounding, else the plain objective is used (a model whose
         ``forward`` is not ``fc(body(x).flatten(1))`` fails here)."""
         generator = torch.Generator().manual_seed(12345)
         dtype, device = self.params["fc.weight"].dtype, self.labels.device
         x = torch.rand(self.shape, generator=generator).to(device=device, dtype=dtype)
         y = torch.softmax(torch.randn((self.shape[0], self.num_classes), generator=generator), dim=-1).to(device=device, dtype=dtype)
-        first = 0
-        if not self.shared:  # a problem with NaN weights (a broken client) is NaN both ways: check another
-            finite = torch.stack([v.flatten(1).isfinite().all(1) for v in self.params.values()]).all(0)
-            first = int(finite.int().argmax())
-        params = self.params if self.shared else {k: v[first] for k, v in self.params.items()}
-        buffers = self.buffers if self.shared else {k: v[first] for k, v in self.buffers.items()}
         names = [n for n, p in self.template.named_parameters() if p.requires_grad]
-        plain = gradient_of_loss(lambda w, inputs: functional_call(self.template, ({**params, **w}, buffers), (inputs,)),
-                                 {k: params[k] for k in names}, x, y)
-        observed, delta, features = self.factored(x, y, params, buffers)
-        mine = observed[:-1] + [delta.T @ features, observed[-1]]
-        return all(float((a - plain[k]).norm()) <= 1e-4 * float(plain[k].norm()) + 1e-30 for a, k in zip(mine, names))
+        problems = [None]  # one shared model
+        if not self.shared:  # a problem with NaN weights (a broken client) is NaN both ways: check others
+            finite = torch.stack([v.reshape(v.shape[0], -1).isfinite().all(1) for v in self.params.values()]).all(0)
+            problems = finite.nonzero().flatten()[:2].tolist() or [0]
+        for i in problems:
+            params = self.params if i is None else {k: v[i] for k, v in self.params.items()}
+            buffers = self.buffers if i is None else {k: v[i] for k, v in self.buffers.items()}
+            plain = gradient_of_loss(lambda w, inputs: functional_call(self.template, ({**params, **w}, buffers), (inputs,)),
+                                     {k: params[k] for k in names}, x, y)
+            observed, delta, features = self.factored(x, y, params, buffers)
+            mine = observed[:-1] + [delta.T @ features, observed[-1]]
+            if not all(float((a - plain[k]).norm()) <= 1e-4 * float(plain[k].norm()) + 1e-30 for a, k in zip(mine, names)):
+                return False
+        return True
 
     def _grouped_objective(self, z: torch.Tensor, params: dict, buffers: dict, target: list[torch.Tensor], labels: torch.Tensor,
                            scale: torch.Tensor, head_target: torch.Tensor, head_norms: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -839,7 +852,10 @@ class _Stack:
         z = torch.rand((len(rows), math.prod(self.shape) + (self.shape[0] * self.num_classes if self.joint else 0)), generator=generator)
         args = self._args(take, z.to(device=self.labels.device, dtype=self.params["fc.weight"].dtype))
         g_vmap, (v_vmap, _) = self.batched[True](*args)
-        g_mine, (v_mine, _) = self._grouped_objective(*args)
+        try:
+            g_mine, (v_mine, _) = self._grouped_objective(*args)
+        except Exception:  # noqa: BLE001 - a body the grouped path cannot run: the vmap one can
+            return False
         finite = torch.isfinite(v_vmap) & torch.isfinite(g_vmap).all(1)  # a problem with NaN weights is NaN both ways
         if not bool(finite.any()) or not torch.equal(finite, torch.isfinite(v_mine) & torch.isfinite(g_mine).all(1)):
             return False
@@ -862,8 +878,9 @@ class _Stack:
         # most rows asked: evaluate them all (the others' values are dropped) rather than copy the
         # asked rows' weights and targets, which costs more than the extra rows on a CPU
         everyone = rows.numel() >= 0.85 * p and rows.numel() > 1
-        # a problem alone runs as two copies of itself in the grouped objective: a grouped
-        # convolution rounds as it does in any batch, a plain one (one group) differently
+        # a problem alone runs as two copies of itself in the grouped objective, through the
+        # same grouped kernels as in a batch (one group takes other kernels, which round
+        # differently); its numbers agree with its row in a batch to float32 rounding
         picked = rows.repeat(2) if self.grouped and rows.numel() == 1 else rows
         take = (lambda t: t) if everyone else (lambda t: t.index_select(0, picked))
         args = self._args(take, z)
