@@ -821,8 +821,7 @@ class _Stack:
                 extra = [before.shape[2 + d] - ((back.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.dilation[d] * (kernel.shape[2 + d] - 1) + 1)
                          for d in range(2)]  # the output padding that gives back the input's size
                 back = F.conv_transpose2d(back, kernel, None, layer.stride, layer.padding, extra, p, layer.dilation)
-            pulled = [grads[k] for k in names[:-2]]
-            observed = list(pulled) + [delta.sum(1)]
+            observed = [grads[k] for k in names[:-2]] + [delta.sum(1)]
             wanted = list(target)
             if config.float64:
                 observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
@@ -837,8 +836,8 @@ class _Stack:
                 distance = 1 - dot / (norm * head_norms[:, 1] + 1e-12)
             value = distance
             if config.tv > 0:
-                rows_tv = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-                value = distance + config.tv * rows_tv
+                tv = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+                value = distance + config.tv * tv  # total_variation per problem
             (g,) = torch.autograd.grad(value.sum(), z)
         return g, (value.detach(), distance.detach())
 
