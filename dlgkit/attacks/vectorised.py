@@ -721,6 +721,7 @@ class _Stack:
             self.head_target = self.head_norms = torch.zeros(count, device=self.labels.device)
         self.single = {False: grad_and_value(objective, has_aux=True), True: grad_and_value(head_objective, has_aux=True)}
         self.batched = {False: vmap(self.single[False], in_dims=in_dims), True: vmap(self.single[True], in_dims=in_dims)}
+        self.trainable = names  # the trainable parameters' names, in order
         self.head = use_head and self._same_objectives()
         self.grouped = self.head and config.distance in ("l2", "cosine") and _grouped_body(self.template) and self._grouped_agrees()
 
@@ -744,7 +745,7 @@ class _Stack:
         dtype, device = self.params["fc.weight"].dtype, self.labels.device
         x = torch.rand(self.shape, generator=generator).to(device=device, dtype=dtype)
         y = torch.softmax(torch.randn((self.shape[0], self.num_classes), generator=generator), dim=-1).to(device=device, dtype=dtype)
-        names = [n for n, p in self.template.named_parameters() if p.requires_grad]
+        names = self.trainable
         problems = [None]  # one shared model
         if not self.shared:  # a problem with NaN weights (a broken client) is NaN both ways: check others
             finite = torch.stack([v.reshape(v.shape[0], -1).isfinite().all(1) for v in self.params.values()]).all(0)
@@ -768,7 +769,6 @@ class _Stack:
         ``vmap`` objective returns: the gradient (P, D) and the objective and distance (P,)."""
         config, (n, c, h, w) = self.config, self.shape
         p, numel = z.shape[0], n * c * h * w
-        names = [k for k, q in self.template.named_parameters() if q.requires_grad]
 
         def stacked(key: str) -> torch.Tensor:  # (P, ...): a shared model's weights repeated
             return (params[key] if not self.shared else params[key].expand(p, *params[key].shape)).detach()
@@ -821,7 +821,7 @@ class _Stack:
                 extra = [before.shape[2 + d] - ((back.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.dilation[d] * (kernel.shape[2 + d] - 1) + 1)
                          for d in range(2)]  # the output padding that gives back the input's size
                 back = F.conv_transpose2d(back, kernel, None, layer.stride, layer.padding, extra, p, layer.dilation)
-            observed = [grads[k] for k in names[:-2]] + [delta.sum(1)]
+            observed = [grads[k] for k in self.trainable[:-2]] + [delta.sum(1)]
             wanted = list(target)
             if config.float64:
                 observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
@@ -885,9 +885,6 @@ class _Stack:
         args = self._args(take, z)
         if self.grouped:
             g_rows, (value_rows, distance_rows) = self._grouped_objective(*args)
-            if everyone and rows.numel() < p:
-                g_rows, value_rows, distance_rows = g_rows.index_select(0, rows), value_rows.index_select(0, rows), distance_rows.index_select(0, rows)
-            g_rows, value_rows, distance_rows = g_rows[: rows.numel()], value_rows[: rows.numel()], distance_rows[: rows.numel()]
         elif rows.numel() == 1:
             z_one, params, buffers, target, *rest = args
             if not self.shared:
@@ -896,8 +893,9 @@ class _Stack:
             g_rows, value_rows, distance_rows = g_one[None], value_one[None], distance_one[None]
         else:
             g_rows, (value_rows, distance_rows) = self.batched[self.head](*args)
-            if everyone and rows.numel() < p:
-                g_rows, value_rows, distance_rows = g_rows.index_select(0, rows), value_rows.index_select(0, rows), distance_rows.index_select(0, rows)
+        if everyone and rows.numel() < p:
+            g_rows, value_rows, distance_rows = g_rows.index_select(0, rows), value_rows.index_select(0, rows), distance_rows.index_select(0, rows)
+        g_rows, value_rows, distance_rows = g_rows[: rows.numel()], value_rows[: rows.numel()], distance_rows[: rows.numel()]  # a lone problem's copy dropped
         g = g.index_copy(0, rows, g_rows.detach())
         value = value.index_copy(0, rows, value_rows.detach().to(torch.float64))
         distance = distance.index_copy(0, rows, distance_rows.detach().to(torch.float64))
