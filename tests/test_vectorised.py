@@ -442,6 +442,11 @@ def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
     wrong = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
     assert wrong.head and not wrong.grouped
     monkeypatch.undo()
+    # likewise a wrong second derivative (the tanh's): the objective's values agree, its gradient does not
+    monkeypatch.setitem(vectorised._ACTIVATION_SECOND, nn.Sigmoid, vectorised._ACTIVATION_SECOND[nn.Tanh])
+    wrong = _stack(nets, grads, y[:, None], attacks.RECOMMENDED)
+    assert wrong.head and not wrong.grouped
+    monkeypatch.undo()
     broken = models.LeNet(channels=1, num_classes=10, image_size=16, seed=1)
     with torch.no_grad():
         broken.fc.bias[0] = math.nan
@@ -452,6 +457,59 @@ def test_the_grouped_objective_is_used_only_where_it_holds(faces, monkeypatch):
     everyone = torch.ones(3, dtype=torch.bool)
     (g_clean, v_clean, _), (g_mixed, v_mixed, _) = clean.evaluate(everyone, z), mixed.evaluate(everyone, z)
     assert torch.isnan(v_mixed[0]) and torch.equal(g_mixed[1:], g_clean[1:]) and torch.equal(v_mixed[1:], v_clean[1:])
+
+
+_UNUSUAL_BODIES = {  # (body, frozen parameter, distance, float64 distance, joint labels, shared model)
+    "no biases": (lambda c: nn.Sequential(nn.Conv2d(c, 6, 5, 2, 2, bias=False), nn.Sigmoid(), nn.Conv2d(6, 6, 3, 1, 1, bias=False), nn.Tanh()),
+                  None, "l2", False, False, False),
+    "an activation first": (lambda c: nn.Sequential(nn.Tanh(), nn.Conv2d(c, 6, 5, 2, 2), nn.Sigmoid(), nn.Conv2d(6, 6, 3, 2, 1), nn.Sigmoid()),
+                            "body.1.weight", "cosine", True, False, False),
+    "dilation, strides and a non-square kernel": (lambda c: nn.Sequential(nn.Conv2d(c, 6, (3, 5), (2, 1), (1, 3), dilation=(1, 2)), nn.Sigmoid(),
+                                                                          nn.Conv2d(6, 4, 3, 2, 0), nn.ReLU()), "body.0.bias", "l2", False, True, False),
+    "two convolutions in a row": (lambda c: nn.Sequential(nn.Conv2d(c, 6, 3, 1, 1), nn.Conv2d(6, 6, 3, 2, 1), nn.Sigmoid(),
+                                                          nn.Conv2d(6, 5, 3, 2, 1, bias=False), nn.Sigmoid(), nn.Tanh()), "body.1.bias", "l2", True, True, True),
+    "one convolution": (lambda c: nn.Sequential(nn.Conv2d(c, 4, 5, 2, 2)), None, "cosine", False, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNUSUAL_BODIES))
+def test_the_grouped_objective_of_other_bodies_is_the_vmap_one(case):
+    """The grouped objective writes its gradients out layer by layer, so every kind of body it
+    admits is compared with vmap's: convolutions without biases, an activation before the first
+    convolution, dilations, strides and non-square kernels, two convolutions in a row, a lone
+    convolution, and a frozen weight or bias (its gradient is not observed). In float64, so that
+    a term that is small against the others (a bias's, say) still shows."""
+    build, frozen, distance, float64, joint, shared = _UNUSUAL_BODIES[case]
+    gen = torch.Generator().manual_seed(11)
+    size, n = 13, 2
+    nets = []
+    for i in range(3):
+        net = models.LeNet(channels=2, num_classes=10, image_size=size, seed=i)
+        with torch.random.fork_rng(), torch.no_grad():  # the new layers' initialisation, seeded; the global RNG is left as it was
+            torch.manual_seed(i)
+            net.body = build(2)
+            net.fc = nn.Linear(net.body(torch.zeros(1, 2, size, size)).flatten(1).shape[1], 10)
+        if frozen:
+            dict(net.named_parameters())[frozen].requires_grad_(False)
+        nets.append(net.double())
+    nets = [nets[0]] * 3 if shared else nets
+    shape = (n, 2, size, size)
+    x = torch.rand((3, *shape), generator=gen, dtype=torch.float64)
+    y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(3)])
+    grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
+    config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-2)
+    stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
+    assert stack.head and stack.grouped, case
+    extra = n * 10 if joint else 0
+    near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen, dtype=x.dtype),
+                      torch.randn((3, extra), generator=gen, dtype=x.dtype)], dim=1)
+    for z in (near, torch.rand(near.shape, generator=gen, dtype=x.dtype)):
+        args = stack._args(lambda t: t, z)
+        g_mine, (v_mine, _) = stack._grouped_objective(*args)
+        g_vmap, (v_vmap, _) = stack.batched[True](*args)
+        assert torch.allclose(v_mine, v_vmap, rtol=1e-10, atol=1e-14), (case, v_mine - v_vmap)
+        for a, b in zip(g_mine, g_vmap):
+            assert float((a - b).norm()) <= 1e-8 * float(b.norm()), (case, (a - b).norm() / b.norm())
 
 
 def test_frozen_weights_of_each_problem_are_its_own():

@@ -17,10 +17,11 @@ problems, ``benchmarks/vectorised.py``):
 - the last layer's weight gradient is the largest tensor of the problem (100 x 768 per problem
   for LeNet on 32x32 images); for a model with a linear head the distance to it is taken in
   factored form and the gradient is never formed (``_Stack``);
-- for LeNet (convolutions and element-wise activations) the P problems skip ``vmap``: each layer
-  is one grouped convolution over all of them, channels-last, and the inner gradient is written
-  out layer by layer so that the outer one differentiates plain operations (``_Stack``); about
-  a third less time per evaluation than ``vmap`` for batches of 4 faces;
+- for LeNet (convolutions and element-wise activations) the P problems skip ``vmap`` and
+  autograd: each layer is one grouped convolution over all of them, channels-last, and both
+  gradients (the inner one, which the server sees, and the objective's with respect to the
+  dummies) are written out layer by layer (``_Stack``); about half the time per evaluation of
+  ``vmap`` for batches of 4 faces;
 - L-BFGS reads its history of 100 pairs twice per iteration; both products read it with unit stride
   (:class:`BatchedLBFGS`);
 - a call where most problems are asked evaluates them all instead of copying the asked rows'
@@ -572,11 +573,20 @@ def _linear_head(template: nn.Module, names: list[str]) -> bool:
 
 
 #: The element-wise activations a grouped body may use, each with its backward written from its
-#: output ``out``: the gradient at its input from ``grad`` at its output (twice differentiable ops).
+#: output ``out``: the gradient at its input from ``grad`` at its output.
 _ACTIVATION_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     nn.Sigmoid: torch.ops.aten.sigmoid_backward,
     nn.Tanh: torch.ops.aten.tanh_backward,
     nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
+}
+
+
+#: Their second derivative's part: the gradient at the output ``out`` of ``grad . backward(back, out)``
+#: (``back`` the gradient the backward was given), or None where it is zero (ReLU).
+_ACTIVATION_SECOND: dict[type, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]] = {
+    nn.Sigmoid: lambda grad, back, out: torch.addcmul(grad * back, grad * back, out, value=-2),  # d/d out of out (1 - out) = 1 - 2 out
+    nn.Tanh: lambda grad, back, out: (grad * back).mul_(out).mul_(-2),  # d/d out of 1 - out^2 = -2 out
+    nn.ReLU: lambda grad, back, out: None,
 }
 
 
@@ -621,16 +631,19 @@ class _Stack:
     evaluation on a CPU (20 LeNet problems, 32x32 colour images).
 
     When that body is a chain of convolutions and element-wise activations (``_grouped_body``,
-    LeNet), the P problems do not go through ``vmap`` at all (``_grouped_objective``): their
-    images are laid side by side as the channels of one batch (channels-last), each layer is one
-    convolution with ``groups=P`` and the problems' weights stacked, and the inner gradient is
-    written out layer by layer (PyTorch's ``convolution_backward`` for the weights, a transposed
-    convolution for the layer's input), so that ``torch.autograd`` takes the outer gradient
-    through plain operations. Autograd through the inner gradient's own convolution backward
-    would also form, one group at a time, a weight gradient that the outer gradient does not
-    need. Same objective, checked against the ``vmap`` one on the first problems before the run
-    (with a fallback to it); about a third less time per evaluation than ``vmap`` for 10 batches
-    of 4 faces on 2 CPU cores (16.6 against about 11 ms).
+    LeNet), the P problems go through neither ``vmap`` nor autograd (``_grouped_objective``):
+    their images are laid side by side as the channels of one batch (channels-last), each layer
+    is one convolution with ``groups=P`` and the problems' weights stacked, and both gradients
+    are written out layer by layer: the inner one (the server's view: PyTorch's
+    ``convolution_backward`` for each layer's weights and input, the activations' own backward),
+    then the objective's gradient with respect to the dummies, backwards through that inner
+    gradient, the head and the forward pass (every step a convolution, a transposed convolution
+    or an element-wise product: ``_ACTIVATION_SECOND`` holds the activations' second
+    derivatives). One evaluation of 10 batches of 4 faces on 2 CPU cores: 7.4 ms, against 13.8 ms
+    with ``vmap`` and 8.8 ms with autograd through the same computation (an earlier version of
+    this path, which took PyTorch's slower kernels for grouped transposed convolutions). Same
+    objective, checked against the ``vmap`` one on the first problems before the run (with a
+    fallback to it).
     """
 
     template: nn.Module
@@ -764,82 +777,156 @@ class _Stack:
     def _grouped_objective(self, z: torch.Tensor, params: dict, buffers: dict, target: list[torch.Tensor], labels: torch.Tensor,
                            scale: torch.Tensor, head_target: torch.Tensor, head_norms: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The factored objective (``head_objective``) of the P rows in ``z`` and its gradient,
-        without ``vmap``: the bodies run as grouped convolutions (see the class docstring).
-        Takes :meth:`_args`'s arguments (the head's target left out) and returns what the
-        ``vmap`` objective returns: the gradient (P, D) and the objective and distance (P,)."""
+        without ``vmap`` or autograd: the bodies run as grouped convolutions and both gradients
+        are written out (see the class docstring). Takes :meth:`_args`'s arguments (the head's
+        target left out) and returns what the ``vmap`` objective returns: the gradient (P, D)
+        and the objective and distance (P,)."""
         config, (n, c, h, w) = self.config, self.shape
         p, numel = z.shape[0], n * c * h * w
+        cl = torch.channels_last
 
         def stacked(key: str) -> torch.Tensor:  # (P, ...): a shared model's weights repeated
             return (params[key] if not self.shared else params[key].expand(p, *params[key].shape)).detach()
 
-        with torch.enable_grad():
-            z = z.detach().requires_grad_()
-            x = z[:, :numel].view(p, n, c, h, w)
-            act = x.transpose(0, 1).reshape(n, p * c, h, w).contiguous(memory_format=torch.channels_last)
-            tape = []  # (index, layer, input, output, kernel, bias) of each layer, for the backward below
-            for i, layer in enumerate(self.template.body):
-                kernel = bias = None
-                if isinstance(layer, nn.Conv2d):
-                    kernel = stacked(f"body.{i}.weight")
-                    kernel = kernel.reshape(-1, *kernel.shape[2:]).contiguous(memory_format=torch.channels_last)
-                    bias = stacked(f"body.{i}.bias").reshape(-1) if layer.bias is not None else None
-                    out = F.conv2d(act, kernel, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=p)
-                else:
-                    out = layer(act)
-                tape.append((i, layer, act, out, kernel, bias))
-                act = out
-            features = act.reshape(n, p, -1).transpose(0, 1)  # (P, N, features), each row as body(x).flatten(1)
-            head_w, head_b = stacked("fc.weight"), stacked("fc.bias")
-            logits = torch.baddbmm(head_b[:, None, :], features, head_w.transpose(1, 2))
-            if self.joint:
-                y = F.softmax(z[:, numel:].view(p, n, self.num_classes), dim=-1)
-                loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean(-1)
+        def backward(out_grad, before, kernel, layer, mask):  # a grouped convolution's input and weight gradients, where mask
+            return torch.ops.aten.convolution_backward(out_grad, before, kernel, [kernel.shape[0]] if mask[2] else None, list(layer.stride),
+                                                       list(layer.padding), list(layer.dilation), False, [0, 0], p, mask)
+
+        z = z.detach()
+        x = z[:, :numel].view(p, n, c, h, w)
+        # the forward pass: the problems' images side by side as channels, one grouped convolution a layer
+        act = x.transpose(0, 1).reshape(n, p * c, h, w).contiguous(memory_format=cl)
+        tape = []  # (index, layer, input, output, kernel) of each layer
+        for i, layer in enumerate(self.template.body):
+            kernel = None
+            if isinstance(layer, nn.Conv2d):
+                kernel = stacked(f"body.{i}.weight")
+                kernel = kernel.reshape(-1, *kernel.shape[2:]).contiguous(memory_format=cl)
+                bias = stacked(f"body.{i}.bias").reshape(-1) if layer.bias is not None else None
+                out = F.conv2d(act, kernel, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=p)
             else:
-                loss = F.cross_entropy(logits.reshape(p * n, -1), labels.reshape(-1), reduction="none").view(p, n).mean(1)
-            (delta,) = torch.autograd.grad(loss.sum(), logits, create_graph=True)  # (P, N, classes), each problem's own
-            # the body's weight gradients, backpropagated layer by layer with the weights held
-            # fixed: each convolution's input gradient a transposed convolution and its weight
-            # gradient PyTorch's convolution_backward, so that the outer gradient differentiates
-            # plain operations (autograd through convolution_backward's input gradient would also
-            # form, one group at a time, a weight gradient that nobody asks for)
-            back = torch.bmm(delta, head_w).transpose(0, 1).reshape(act.shape).contiguous(memory_format=torch.channels_last)
-            first = next(i for i, layer in enumerate(self.template.body) if isinstance(layer, nn.Conv2d))
-            grads = {}
-            for i, layer, before, after, kernel, bias in reversed(tape):
-                if not isinstance(layer, nn.Conv2d):
-                    back = _ACTIVATION_BACKWARD[type(layer)](back, after)
-                    continue
-                _, weight_grad, bias_grad = torch.ops.aten.convolution_backward(
-                    back, before, kernel, None if bias is None else [bias.shape[0]], list(layer.stride), list(layer.padding), list(layer.dilation),
-                    False, [0, 0], p, [False, True, bias is not None])
-                grads[f"body.{i}.weight"] = weight_grad.reshape(p, -1, *weight_grad.shape[1:])
-                if bias is not None:
-                    grads[f"body.{i}.bias"] = bias_grad.view(p, -1)
-                if i == first:
-                    break
-                extra = [before.shape[2 + d] - ((back.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.dilation[d] * (kernel.shape[2 + d] - 1) + 1)
-                         for d in range(2)]  # the output padding that gives back the input's size
-                back = F.conv_transpose2d(back, kernel, None, layer.stride, layer.padding, extra, p, layer.dilation)
-            observed = [grads[k] for k in self.trainable[:-2]] + [delta.sum(1)]
-            wanted = list(target)
-            if config.float64:
-                observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
-            d64, h64 = delta.double(), features.double()
-            gram = (torch.bmm(d64, d64.transpose(1, 2)) * torch.bmm(h64, h64.transpose(1, 2))).sum((1, 2))
-            cross = (d64 * torch.bmm(h64, head_target.transpose(1, 2))).sum((1, 2))
-            if config.distance == "l2":
-                distance = sum((a - b).square().flatten(1).sum(1) for a, b in zip(observed, wanted)) + gram - 2 * cross + head_norms[:, 0]
-            else:  # cosine over the whole gradient, the head's weight included
-                dot = sum((a * b).flatten(1).sum(1) for a, b in zip(observed, wanted)) + cross
-                norm = torch.sqrt(sum(a.square().flatten(1).sum(1) for a in observed) + gram)
-                distance = 1 - dot / (norm * head_norms[:, 1] + 1e-12)
-            value = distance
-            if config.tv > 0:
-                tv = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-                value = distance + config.tv * tv  # total_variation per problem
-            (g,) = torch.autograd.grad(value.sum(), z)
-        return g, (value.detach(), distance.detach())
+                out = layer(act)
+            tape.append((i, layer, act, out, kernel))
+            act = out
+        features = act.reshape(n, p, -1).transpose(0, 1)  # (P, N, features), each row as body(x).flatten(1)
+        head_w, head_b = stacked("fc.weight"), stacked("fc.bias")
+        logits = torch.baddbmm(head_b[:, None, :], features, head_w.transpose(1, 2))
+        probs = F.softmax(logits, dim=-1)
+        if self.joint:
+            y = F.softmax(z[:, numel:].view(p, n, self.num_classes), dim=-1)
+            mass = y.sum(-1, keepdim=True)
+            delta = (probs * mass - y) / n  # the mean soft cross-entropy's gradient at the logits
+        else:
+            delta = (probs - F.one_hot(labels, self.num_classes).to(probs.dtype)) / n
+        # the inner gradient (the one the server sees), layer by layer down to the first convolution
+        first = next(i for i, layer in enumerate(self.template.body) if isinstance(layer, nn.Conv2d))
+        back = torch.bmm(delta, head_w).transpose(0, 1).reshape(act.shape).contiguous(memory_format=cl)
+        at_output, grads = {}, {}  # the inner gradient at each layer's output; the observed gradients
+        for i, layer, before, after, kernel in reversed(tape):
+            at_output[i] = back
+            if not isinstance(layer, nn.Conv2d):
+                back = _ACTIVATION_BACKWARD[type(layer)](back, after)
+                continue
+            bias = layer.bias is not None
+            back_in, weight_grad, bias_grad = backward(back, before, kernel, layer, [i != first, True, bias])
+            grads[f"body.{i}.weight"] = weight_grad
+            if bias:
+                grads[f"body.{i}.bias"] = bias_grad
+            if i == first:
+                break
+            back = back_in
+        names = self.trainable[:-2]
+        observed = [grads[k].view(p, -1, *grads[k].shape[1:]) for k in names] + [delta.sum(1)]
+        wanted = list(target)
+        if config.float64:
+            observed, wanted = [t.double() for t in observed], [t.double() for t in wanted]
+        d64, h64 = delta.double(), features.double()
+        dd, hh, ht = torch.bmm(d64, d64.transpose(1, 2)), torch.bmm(h64, h64.transpose(1, 2)), torch.bmm(h64, head_target.transpose(1, 2))
+        gram, cross = (dd * hh).sum((1, 2)), (d64 * ht).sum((1, 2))
+
+        def per_problem(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # (P,) broadcast over a (P, ...) tensor
+            return v.view(-1, *([1] * (like.dim() - 1)))
+
+        # the distance, and its gradient at the observed gradients, the gram term and the cross term
+        if config.distance == "l2":
+            diffs = [a - b for a, b in zip(observed, wanted)]
+            distance = sum(d.square().flatten(1).sum(1) for d in diffs) + gram - 2 * cross + head_norms[:, 0]
+            bar_observed = [2 * d for d in diffs]
+            bar_gram, bar_cross = torch.ones_like(gram), torch.full_like(cross, -2.0)
+        else:  # cosine over the whole gradient, the head's weight included
+            dot = sum((a * b).flatten(1).sum(1) for a, b in zip(observed, wanted)) + cross
+            norm = torch.sqrt(sum(a.square().flatten(1).sum(1) for a in observed) + gram)
+            scaled = norm * head_norms[:, 1] + 1e-12
+            distance = 1 - dot / scaled
+            bar_dot, bar_square = -1 / scaled, dot * head_norms[:, 1] / scaled.square() / (2 * norm)
+            bar_observed = [per_problem(bar_dot, b).to(b.dtype) * b + 2 * per_problem(bar_square, a).to(a.dtype) * a for a, b in zip(observed, wanted)]
+            bar_gram, bar_cross = bar_square, bar_dot
+        bar_grads = {k: g.to(delta.dtype) for k, g in zip(names, bar_observed)}
+        bar_delta = (2 * per_problem(bar_gram, dd) * torch.bmm(hh, d64) + per_problem(bar_cross, ht) * ht).to(delta.dtype) + bar_observed[-1].to(delta.dtype)[:, None, :]
+        bar_features = (2 * per_problem(bar_gram, dd) * torch.bmm(dd, h64) + per_problem(bar_cross, ht) * torch.bmm(d64, head_target)).to(delta.dtype)
+
+        def bar_kernel(i: int, layer: nn.Conv2d) -> tuple:  # the distance's gradient at layer i's weight (as a kernel) and bias
+            weight, bias = bar_grads.get(f"body.{i}.weight"), bar_grads.get(f"body.{i}.bias")
+            if weight is not None:
+                weight = weight.reshape(-1, *weight.shape[2:]).contiguous(memory_format=cl)
+            return weight, None if bias is None else bias.reshape(-1)
+
+        # back through the inner gradient, from the first convolution up: the gradient at each
+        # layer's inner gradient (bar_back), and what the activations add at their outputs
+        bar_back, bar_out = None, {}
+        for i, layer, before, after, kernel in tape[first:]:
+            if isinstance(layer, nn.Conv2d):
+                weight, bias = bar_kernel(i, layer)  # (None where the layer's weight or bias is frozen)
+                terms = []
+                if weight is not None:
+                    terms.append(F.conv2d(before, weight, bias, layer.stride, layer.padding, layer.dilation, p))
+                elif bias is not None:
+                    terms.append(bias.view(1, -1, 1, 1).expand_as(at_output[i]))
+                if bar_back is not None:
+                    terms.append(F.conv2d(bar_back, kernel, None, layer.stride, layer.padding, layer.dilation, p))
+                bar_back = sum(terms[1:], terms[0]) if terms else torch.zeros_like(at_output[i])
+            else:
+                twice = _ACTIVATION_SECOND[type(layer)](bar_back, at_output[i], after)
+                if twice is not None:
+                    bar_out[i] = twice
+                bar_back = _ACTIVATION_BACKWARD[type(layer)](bar_back, after)
+        # back through the head: the softmax, and the features' two roles (logits and the head's gradient)
+        bar_delta = bar_delta + torch.bmm(bar_back.reshape(n, p, -1).transpose(0, 1), head_w.transpose(1, 2))
+        weighted = (bar_delta * probs).sum(-1, keepdim=True)
+        bar_logits = probs * (bar_delta - weighted) / n
+        bar_z = []
+        if self.joint:
+            bar_logits = bar_logits * mass
+            bar_y = (weighted - bar_delta) / n
+            bar_z.append((y * (bar_y - (y * bar_y).sum(-1, keepdim=True))).reshape(p, -1))
+        bar_features = bar_features + torch.bmm(bar_logits, head_w)
+        # back through the forward pass, down to the images
+        bar_act = bar_features.transpose(0, 1).reshape(act.shape).contiguous(memory_format=cl)
+        for i, layer, before, after, kernel in reversed(tape):
+            if i in bar_out:
+                bar_act = bar_act + bar_out[i]
+            if isinstance(layer, nn.Conv2d):
+                weight, _ = bar_kernel(i, layer)
+                bar_in = backward(bar_act, before, kernel, layer, [True, False, False])[0]
+                if weight is not None:
+                    bar_in = bar_in + backward(at_output[i], before, weight, layer, [True, False, False])[0]
+                bar_act = bar_in
+            else:
+                bar_act = _ACTIVATION_BACKWARD[type(layer)](bar_act, after)
+        bar_x = bar_act.reshape(n, p, c, h, w).transpose(0, 1)
+        value = distance
+        if config.tv > 0:
+            across, down = x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+            tv = across.abs().flatten(1).mean(1) + down.abs().flatten(1).mean(1)
+            value = distance + config.tv * tv  # total_variation per problem
+            bar_x = bar_x.contiguous()
+            step_a, step_d = torch.sign(across) * (config.tv / across[0].numel()), torch.sign(down) * (config.tv / down[0].numel())
+            bar_x[..., 1:, :] += step_a
+            bar_x[..., :-1, :] -= step_a
+            bar_x[..., :, 1:] += step_d
+            bar_x[..., :, :-1] -= step_d
+        g = torch.cat([bar_x.reshape(p, -1), *bar_z], dim=1)
+        return g, (value, distance)
 
     def _grouped_agrees(self) -> bool:
         """The grouped objective against the ``vmap`` one on the first (up to) three problems at
