@@ -581,10 +581,15 @@ _ACTIVATION_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 
+def _minus_twice(product: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``product * (1 - 2 out)`` in one pass over the tensors."""
+    return torch.addcmul(product, product, out, value=-2)
+
+
 #: Their second derivative's part: the gradient at the output ``out`` of ``grad . backward(back, out)``
 #: (``back`` the gradient the backward was given), or None where it is zero (ReLU).
 _ACTIVATION_SECOND: dict[type, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]] = {
-    nn.Sigmoid: lambda grad, back, out: torch.addcmul(grad * back, grad * back, out, value=-2),  # d/d out of out (1 - out) = 1 - 2 out
+    nn.Sigmoid: lambda grad, back, out: _minus_twice(grad * back, out),  # d/d out of out (1 - out) = 1 - 2 out
     nn.Tanh: lambda grad, back, out: (grad * back).mul_(out).mul_(-2),  # d/d out of 1 - out^2 = -2 out
     nn.ReLU: lambda grad, back, out: None,
 }
@@ -625,8 +630,8 @@ class _Stack:
     logits, ``h`` the features; one row per example) is never formed: its distance to the
     target ``T`` is ``sum((delta delta') * (h h')) - 2 sum(delta * (h T')) + |T|^2`` (and its
     part of a cosine likewise), computed in float64 so that the difference of large terms keeps
-    its digits. This is the same objective as the plain one (checked on the first problem
-    before the run, with a fallback to the plain one); it spares the largest tensors of the
+    its digits. This is the same objective as the plain one (checked on the first two problems
+    with finite weights before the run, with a fallback to the plain one); it spares the largest tensors of the
     problem (the head's 100 x 768 gradient per problem) and a quarter to a third of the time per
     evaluation on a CPU (20 LeNet problems, 32x32 colour images).
 
@@ -788,7 +793,7 @@ class _Stack:
         def stacked(key: str) -> torch.Tensor:  # (P, ...): a shared model's weights repeated
             return (params[key] if not self.shared else params[key].expand(p, *params[key].shape)).detach()
 
-        def backward(out_grad, before, kernel, layer, mask):  # a grouped convolution's input and weight gradients, where mask
+        def backward(out_grad, before, kernel, layer, mask):  # a grouped convolution's input, weight and bias gradients (those mask asks for)
             return torch.ops.aten.convolution_backward(out_grad, before, kernel, [kernel.shape[0]] if mask[2] else None, list(layer.stride),
                                                        list(layer.padding), list(layer.dilation), False, [0, 0], p, mask)
 
@@ -827,11 +832,9 @@ class _Stack:
             if not isinstance(layer, nn.Conv2d):
                 back = _ACTIVATION_BACKWARD[type(layer)](back, after)
                 continue
-            bias = layer.bias is not None
-            back_in, weight_grad, bias_grad = backward(back, before, kernel, layer, [i != first, True, bias])
-            grads[f"body.{i}.weight"] = weight_grad
-            if bias:
-                grads[f"body.{i}.bias"] = bias_grad
+            weight, bias = f"body.{i}.weight" in self.trainable, f"body.{i}.bias" in self.trainable  # (a frozen one is not observed)
+            back_in, weight_grad, bias_grad = backward(back, before, kernel, layer, [i != first, weight, bias])
+            grads[f"body.{i}.weight"], grads[f"body.{i}.bias"] = weight_grad, bias_grad
             if i == first:
                 break
             back = back_in
@@ -865,18 +868,19 @@ class _Stack:
         bar_delta = (2 * per_problem(bar_gram, dd) * torch.bmm(hh, d64) + per_problem(bar_cross, ht) * ht).to(delta.dtype) + bar_observed[-1].to(delta.dtype)[:, None, :]
         bar_features = (2 * per_problem(bar_gram, dd) * torch.bmm(dd, h64) + per_problem(bar_cross, ht) * torch.bmm(d64, head_target)).to(delta.dtype)
 
-        def bar_kernel(i: int, layer: nn.Conv2d) -> tuple:  # the distance's gradient at layer i's weight (as a kernel) and bias
-            weight, bias = bar_grads.get(f"body.{i}.weight"), bar_grads.get(f"body.{i}.bias")
-            if weight is not None:
-                weight = weight.reshape(-1, *weight.shape[2:]).contiguous(memory_format=cl)
-            return weight, None if bias is None else bias.reshape(-1)
+        bar_kernels = {}  # the distance's gradient at each convolution's weight (as a kernel) and bias; None where frozen or absent
+        for i, layer, *_ in tape[first:]:
+            if isinstance(layer, nn.Conv2d):
+                weight, bias = bar_grads.get(f"body.{i}.weight"), bar_grads.get(f"body.{i}.bias")
+                bar_kernels[i] = (None if weight is None else weight.reshape(-1, *weight.shape[2:]).contiguous(memory_format=cl),
+                                  None if bias is None else bias.reshape(-1))
 
         # back through the inner gradient, from the first convolution up: the gradient at each
         # layer's inner gradient (bar_back), and what the activations add at their outputs
         bar_back, bar_out = None, {}
         for i, layer, before, after, kernel in tape[first:]:
             if isinstance(layer, nn.Conv2d):
-                weight, bias = bar_kernel(i, layer)  # (None where the layer's weight or bias is frozen)
+                weight, bias = bar_kernels[i]
                 terms = []
                 if weight is not None:
                     terms.append(F.conv2d(before, weight, bias, layer.stride, layer.padding, layer.dilation, p))
@@ -906,7 +910,7 @@ class _Stack:
             if i in bar_out:
                 bar_act = bar_act + bar_out[i]
             if isinstance(layer, nn.Conv2d):
-                weight, _ = bar_kernel(i, layer)
+                weight, _ = bar_kernels[i]
                 bar_in = backward(bar_act, before, kernel, layer, [True, False, False])[0]
                 if weight is not None:
                     bar_in = bar_in + backward(at_output[i], before, weight, layer, [True, False, False])[0]
