@@ -356,9 +356,25 @@ def _random_problems(gen, config, joint, cases, channels):
         y = torch.stack([torch.randperm(10, generator=gen)[:n] for _ in range(4)])
         grads = [federated.client_gradient(net, x[i], y[i]) for i, net in enumerate(nets)]
         stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
-        extra = n * 10 if joint else 0
-        near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen), torch.randn((4, extra), generator=gen)], dim=1)
-        yield nets, stack, (near, torch.rand(near.shape, generator=gen))
+        yield nets, stack, _points(x, n * 10 if joint else 0, gen)
+
+
+def _points(x, extra, gen):
+    """Two points at which to compare objectives: one near the answer ``x`` (P, ...) and one
+    far from it (``extra`` label variables per problem, for joint labels)."""
+    near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen, dtype=x.dtype),
+                      torch.randn((len(x), extra), generator=gen, dtype=x.dtype)], dim=1)
+    return near, torch.rand(near.shape, generator=gen, dtype=x.dtype)
+
+
+def _assert_same_objective(mine, reference, rtol, atol, grad_rtol, grad_atol, label):
+    """Two objectives' ``(gradient, (value, distance))`` agree: values and distances to
+    ``rtol``/``atol``, each problem's gradient to ``grad_rtol`` of its norm plus ``grad_atol``."""
+    (g_mine, (v_mine, d_mine)), (g_ref, (v_ref, d_ref)) = mine, reference
+    assert torch.allclose(d_mine.double(), d_ref.double(), rtol=rtol, atol=atol), (label, d_mine, d_ref)
+    assert torch.allclose(v_mine.double(), v_ref.double(), rtol=rtol, atol=atol), (label, v_mine, v_ref)
+    for a, b in zip(g_mine, g_ref):
+        assert float((a - b).norm()) <= grad_rtol * float(b.norm()) + grad_atol, (label, (a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
@@ -376,13 +392,9 @@ def test_the_factored_linear_head_is_the_plain_objective(distance, float64, join
     for nets, stack, points in _random_problems(torch.Generator().manual_seed(5), config, joint, cases, channels=1):
         assert _linear_head(nets[0], [k for k, _ in nets[0].named_parameters()]) and stack.head
         for z in points:
-            g_plain, (v_plain, d_plain) = stack.batched[False](*stack._args(lambda t: t, z, head=False))
-            g_head, (v_head, d_head) = stack.batched[True](*stack._args(lambda t: t, z, head=True))
             atol = 5e-7 if distance == "cosine" and not float64 else 1e-9  # a float32 cosine's own rounding
-            assert torch.allclose(d_head.double(), d_plain.double(), rtol=2e-4, atol=atol), (d_head, d_plain)
-            assert torch.allclose(v_head.double(), v_plain.double(), rtol=2e-4, atol=atol)
-            for a, b in zip(g_head, g_plain):
-                assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (a - b).norm() / b.norm()
+            _assert_same_objective(stack.batched[True](*stack._args(lambda t: t, z, head=True)),
+                                   stack.batched[False](*stack._args(lambda t: t, z, head=False)), 2e-4, atol, 2e-3, 1e-9, "head")
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
@@ -398,13 +410,8 @@ def test_the_grouped_objective_is_the_vmap_one(distance, float64, joint):
         assert stack.head and stack.grouped, (activation, n, shared)
         for z in points:
             args = stack._args(lambda t: t, z)
-            g_vmap, (v_vmap, d_vmap) = stack.batched[True](*args)
-            g_mine, (v_mine, d_mine) = stack._grouped_objective(*args)
             atol = 5e-7 if distance == "cosine" and not float64 else 1e-9
-            assert torch.allclose(d_mine.double(), d_vmap.double(), rtol=2e-4, atol=atol), (activation, d_mine, d_vmap)
-            assert torch.allclose(v_mine.double(), v_vmap.double(), rtol=2e-4, atol=atol)
-            for a, b in zip(g_mine, g_vmap):
-                assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-9, (activation, (a - b).norm() / b.norm())
+            _assert_same_objective(stack._grouped_objective(*args), stack.batched[True](*args), 2e-4, atol, 2e-3, 1e-9, activation)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over weight_norm, which the test runs on purpose
@@ -500,16 +507,9 @@ def test_the_grouped_objective_of_other_bodies_is_the_vmap_one(case):
     config = attacks.RECOMMENDED.with_(distance=distance, float64=float64, tv=1e-2)
     stack = _stack(nets, grads, y, config, shape=shape, shared=shared, joint=joint)
     assert stack.head and stack.grouped, case
-    extra = n * 10 if joint else 0
-    near = torch.cat([x.flatten(1) + 3e-2 * torch.randn(x.flatten(1).shape, generator=gen, dtype=x.dtype),
-                      torch.randn((3, extra), generator=gen, dtype=x.dtype)], dim=1)
-    for z in (near, torch.rand(near.shape, generator=gen, dtype=x.dtype)):
+    for z in _points(x, n * 10 if joint else 0, gen):
         args = stack._args(lambda t: t, z)
-        g_mine, (v_mine, _) = stack._grouped_objective(*args)
-        g_vmap, (v_vmap, _) = stack.batched[True](*args)
-        assert torch.allclose(v_mine, v_vmap, rtol=1e-10, atol=1e-14), (case, v_mine - v_vmap)
-        for a, b in zip(g_mine, g_vmap):
-            assert float((a - b).norm()) <= 1e-8 * float(b.norm()), (case, (a - b).norm() / b.norm())
+        _assert_same_objective(stack._grouped_objective(*args), stack.batched[True](*args), 1e-10, 1e-14, 1e-8, 0.0, case)
 
 
 def test_frozen_weights_of_each_problem_are_its_own():
